@@ -1,0 +1,157 @@
+"""
+C{twistd dfpeer}: the long-lived peer daemon of a host.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from dragonfly.clientlog import make_sign, open_client_log
+from dragonfly.options import (
+    TLS_PARAMETERS,
+    check_tls_options,
+    converted,
+    duration_option,
+    ip_address,
+    port_number,
+    size_option,
+)
+from dragonfly.peer.api import root
+from dragonfly.peer.node import PeerConfig, PeerNode
+from dragonfly.peer.supernode_client import parse_nodes
+from dragonfly.tasks import InvalidRequest, check_url
+from dragonfly.tls import TLSConfig, TLSConfigError
+
+
+class Options(usage.Options):
+    synopsis = "--node HOST:PORT [options]"
+    longdesc = (
+        "Run the peer daemon of a host: it serves the pieces it holds to "
+        "other peers and downloads through the swarm for local programs."
+    )
+    optParameters = [
+        ["registry", None, "https://index.docker.io", "Upstream registry the "
+         "mirror serves (the registry-mirror face)."],
+        ["node", "n", "127.0.0.1:8002", "Supernodes, host:port, comma-separated, "
+         "in fail-over order."],
+        ["ip", None, "127.0.0.1", "Address to bind and advertise for pieces.",
+         converted(ip_address, "ip")],
+        ["peer-port", None, 65002, "Port serving pieces to other peers.",
+         converted(port_number, "peer-port")],
+        ["port", "p", 65001, "HTTP port of the local API and mirror.",
+         converted(port_number, "port")],
+        ["listen-ip", None, "127.0.0.1", "Address of the HTTP port.",
+         converted(ip_address, "listen-ip")],
+        ["home", None, str(Path("~/.small-dragonfly").expanduser()),
+         "Work directory: logs/dfclient.log and data/."],
+        ["totallimit", None, 0, "Download rate limit for the host (0: none).",
+         size_option("totallimit")],
+        ["uploadlimit", None, 0, "Upload rate limit to other peers (0: none).",
+         size_option("uploadlimit")],
+        ["expire", None, 1800.0, "Delete a held file unused this long.",
+         duration_option("expire")],
+        *TLS_PARAMETERS,
+    ]
+
+    def postOptions(self) -> None:
+        check_tls_options(self)
+        try:
+            self["nodes"] = parse_nodes([self["node"]])
+            check_url(self["registry"])
+        except (ValueError, InvalidRequest) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class _PeerService(Service):
+    """
+    Starts the node's piece server and leaves the swarms at shutdown.
+    """
+
+    _log = Logger()
+
+    def __init__(self, node: PeerNode, expire: float) -> None:
+        self.node = node
+        self.expire = expire
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self.node.listen())
+        d.addCallbacks(
+            lambda _: self._log.info(
+                "dfpeer {peer_id} serving pieces at {address}",
+                peer_id=self.node.peer_id,
+                address=self.node.address,
+            ),
+            lambda f: self._log.failure("cannot serve pieces", f),
+        )
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        return Deferred.fromCoroutine(self.node.stop())
+
+    def housekeeping(self) -> "Deferred[None]":
+        return Deferred.fromCoroutine(self._housekeeping())
+
+    async def _housekeeping(self) -> None:
+        engine = self.node.engine
+        try:
+            await engine.heartbeat()
+            cutoff = self.node.reactor.seconds() - self.expire
+            for task_file in self.node.store.idle_tasks(cutoff):
+                if task_file.task_id in engine.downloading:
+                    continue
+                self._log.info("dropping idle {task_id}", task_id=task_file.task_id)
+                self.node.store.remove(task_file.task_id)
+                if engine.registrations.pop(task_file.task_id, None) is not None:
+                    await engine.supernodes.leave(task_file.task_id, engine.peer_id)
+        except Exception:
+            self._log.failure("housekeeping failed")
+
+
+def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]:
+    tls = None
+    if options["tls-cert"]:
+        try:
+            tls = TLSConfig.load(options["tls-cert"], options["tls-key"], options["tls-ca"])
+        except TLSConfigError as e:
+            raise usage.UsageError(str(e)) from None
+    home = Path(options["home"])
+    observer, _ = open_client_log(home, make_sign())
+    node = PeerNode(
+        reactor,
+        PeerConfig(
+            home=home,
+            ip=options["ip"],
+            port=options["peer-port"],
+            nodes=options["nodes"],
+            tls=tls,
+            total_limit=options["totallimit"],
+            upload_limit=options["uploadlimit"],
+        ),
+        piece_log=observer,
+    )
+    top = MultiService()
+    peer = _PeerService(node, options["expire"])
+    peer.setServiceParent(top)
+    StreamServerEndpointService(
+        endpoints.TCP4ServerEndpoint(
+            reactor, options["port"], interface=options["listen-ip"]
+        ),
+        Site(root(node.engine)),
+    ).setServiceParent(top)
+    TimerService(20.0, peer.housekeeping).setServiceParent(top)
+    return top, node
+
+
+def makeService(options: usage.Options) -> IService:
+    from twisted.internet import reactor
+
+    service, _ = build(options, reactor)
+    return service

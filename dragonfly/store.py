@@ -1,0 +1,194 @@
+"""
+Tasks' bytes on disk, piece by piece.
+
+A L{TaskFile} is one file per task, written at piece offsets as pieces arrive
+in any order, with the set of pieces that were verified.  Only verified
+pieces are ever served.  Writing and hashing happen on a thread pool
+(C{hashlib} and C{os.pwrite} release the GIL), reads for serving are bounded
+C{os.pread}s on the reactor thread, which page-cache hits make cheap.
+
+A L{PieceStore} is a directory of task files and is the L{PieceSource} a
+piece server serves from.
+"""
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+
+from dragonfly import wire
+from dragonfly.piece_protocol import PieceUnavailable
+from dragonfly.tasks import piece_bounds
+
+
+class PieceDigestMismatch(Exception):
+    """
+    A piece's bytes do not have the sha256 the supernode recorded for it.
+    """
+
+
+class TaskFile:
+    """
+    One task's bytes on disk.
+
+    @ivar held: the pieces written and verified, which may be served.
+    @ivar length: the file's length, or C{None} while the source has not
+        said (a streamed response without Content-Length).
+    """
+
+    def __init__(self, task_id: str, path: Path, piece_size: int, length: int | None) -> None:
+        self.task_id = task_id
+        self.path = path
+        self.piece_size = piece_size
+        self.length = length
+        self.held: set[int] = set()
+        self.readers = 0
+        self.last_used = 0.0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"task file {self.path} is closed")
+        return self._fd
+
+    def bounds(self, piece: int) -> tuple[int, int]:
+        """
+        The C{(offset, size)} of a piece; the length must be known.
+        """
+        if self.length is None:
+            raise ValueError("length not known yet")
+        return piece_bounds(piece, self.piece_size, self.length)
+
+    def write_verified(self, piece: int, data: bytes | bytearray, sha256: str) -> None:
+        """
+        Check C{data} against C{sha256} and write it at the piece's offset.
+        Runs on a thread; the caller marks the piece held afterwards.
+
+        @raise PieceDigestMismatch: if the digest differs (nothing written).
+        """
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise PieceDigestMismatch(
+                f"piece {piece}: expected sha256 {sha256}, got {actual}"
+            )
+        self.write_at(piece * self.piece_size, data)
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def hash_range(self, start: int, end: int, block: int = 1 << 20) -> str:
+        """
+        sha256 of bytes C{[start, end)}, read in blocks.  Runs on a thread.
+        """
+        digest = hashlib.sha256()
+        offset = start
+        while offset < end:
+            data = os.pread(self.fd, min(block, end - offset), offset)
+            if not data:
+                raise OSError(f"{self.path} is shorter than {end} bytes")
+            digest.update(data)
+            offset += len(data)
+        return digest.hexdigest()
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _HeldPiece:
+    """
+    A L{PieceReader} over one held piece of a L{TaskFile}.
+    """
+
+    def __init__(self, task_file: TaskFile, offset: int, length: int) -> None:
+        self._file = task_file
+        self._offset = offset
+        self.length = length
+        task_file.readers += 1
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._file.read(self._offset + offset, size)
+
+    def close(self) -> None:
+        self._file.readers -= 1
+
+
+class PieceStore:
+    """
+    A directory of task files; serves the pieces they hold.
+    """
+
+    def __init__(self, directory: Path, reactor: Any, threadpool: Any = None) -> None:
+        self.directory = directory
+        self._reactor = reactor
+        self._threadpool = threadpool or reactor.getThreadPool()
+        self.tasks: dict[str, TaskFile] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
+        """
+        Run blocking disk or hashing work on the store's thread pool.
+        """
+        return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def path_for(self, task_id: str) -> Path:
+        return self.directory / task_id[:2] / task_id
+
+    def open(self, task_id: str, piece_size: int, length: int | None) -> TaskFile:
+        """
+        The task file for C{task_id}, created if needed.
+        """
+        task_file = self.tasks.get(task_id)
+        if task_file is None:
+            task_file = TaskFile(task_id, self.path_for(task_id), piece_size, length)
+            self.tasks[task_id] = task_file
+        task_file.last_used = self._reactor.seconds()
+        return task_file
+
+    def open_piece(self, task_id: str, piece: int) -> _HeldPiece:
+        task_file = self.tasks.get(task_id)
+        if task_file is None:
+            raise PieceUnavailable(wire.ErrorCode.UNKNOWN_TASK, "unknown task")
+        if piece not in task_file.held:
+            raise PieceUnavailable(wire.ErrorCode.PIECE_NOT_HELD, f"piece {piece} not held")
+        task_file.last_used = self._reactor.seconds()
+        offset, size = task_file.bounds(piece)
+        return _HeldPiece(task_file, offset, size)
+
+    def remove(self, task_id: str) -> None:
+        task_file = self.tasks.pop(task_id, None)
+        if task_file is not None:
+            task_file.remove()
+
+    def idle_tasks(self, older_than: float) -> Iterable[TaskFile]:
+        """
+        Task files unused since C{older_than} and not being read.
+        """
+        return [
+            t for t in self.tasks.values() if t.last_used < older_than and not t.readers
+        ]
+
+    def close(self) -> None:
+        for task_file in self.tasks.values():
+            task_file.close()

@@ -1,0 +1,158 @@
+"""
+The supernode's JSON control API (see C{docs/architecture.md} for the
+endpoints and their bodies).
+"""
+
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from twisted.web.static import Data
+
+from dragonfly.jsonapi import ApiError, JsonApi, field, read_json
+from dragonfly.supernode.cdn import SourceError
+from dragonfly.supernode.service import (
+    FailedPiece,
+    Registration,
+    Supernode,
+    UnknownTask,
+)
+from dragonfly.supernode.state import PeerInfo
+from dragonfly.tasks import InvalidRequest
+
+
+def _headers(value: Any) -> dict[str, list[str]]:
+    """
+    Accept headers as C{{"Name": "v"}}, C{{"Name": ["v", ...]}} or
+    C{["Name: v", ...]}.
+    """
+    headers: dict[str, list[str]] = {}
+    if isinstance(value, list):
+        for line in value:
+            if not isinstance(line, str) or ":" not in line:
+                raise ApiError(400, "bad_request", f"bad header line {line!r}")
+            name, _, text = line.partition(":")
+            headers.setdefault(name.strip(), []).append(text.strip())
+        return headers
+    if isinstance(value, dict):
+        for name, text in value.items():
+            values = text if isinstance(text, list) else [text]
+            if not all(isinstance(v, str) for v in values):
+                raise ApiError(400, "bad_request", f"bad value for header {name!r}")
+            headers[name] = list(values)
+        return headers
+    raise ApiError(400, "bad_request", "headers must be an object or a list")
+
+
+def _peer(body: dict[str, Any]) -> PeerInfo:
+    peer = field(body, "peer", dict)
+    peer_id = field(peer, "peer_id", str)
+    address = field(peer, "address", str)
+    host, _, port = address.rpartition(":")
+    if not peer_id or len(peer_id) > 255:
+        raise ApiError(400, "bad_request", "peer_id must be 1 to 255 characters")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ApiError(400, "bad_request", f"peer address must be ip:port, not {address!r}")
+    return PeerInfo(peer_id, address, field(peer, "hostname", str, ""))
+
+
+class SupernodeApi(JsonApi):
+    def __init__(self, supernode: Supernode) -> None:
+        super().__init__()
+        self.supernode = supernode
+        self.route(b"POST", ("v1", "tasks"), self.register)
+        self.route(b"GET", ("v1", "tasks"), self.list_tasks)
+        self.route(b"GET", ("v1", "tasks", "*"), self.task_info)
+        self.route(b"POST", ("v1", "tasks", "*", "schedule"), self.schedule)
+        self.route(b"DELETE", ("v1", "tasks", "*", "peers", "*"), self.leave)
+        self.route(b"POST", ("v1", "peers", "*", "heartbeat"), self.heartbeat)
+
+    async def register(self, request: Request, params: list[str]) -> Any:
+        body = read_json(request)
+        registration = Registration(
+            url=field(body, "url", str),
+            peer=_peer(body),
+            headers=_headers(body.get("headers") or {}),
+            digest=field(body, "digest", str, ""),
+            identifier=field(body, "identifier", str, ""),
+            filters=[str(f) for f in field(body, "filters", list, [])],
+        )
+        with _errors():
+            return await self.supernode.register(registration)
+
+    async def schedule(self, request: Request, params: list[str]) -> Any:
+        body = read_json(request)
+        finished = field(body, "finished", list, [])
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in finished):
+            raise ApiError(400, "bad_request", "finished must be a list of piece numbers")
+        failed = []
+        for item in field(body, "failed", list, []):
+            if not isinstance(item, dict):
+                raise ApiError(400, "bad_request", "failed must be a list of objects")
+            failed.append(
+                FailedPiece(
+                    field(item, "piece", int),
+                    field(item, "peer_id", str),
+                    field(item, "reason", str, "error"),
+                )
+            )
+        with _errors():
+            return await self.supernode.schedule(
+                params[0],
+                field(body, "peer_id", str),
+                finished,
+                failed,
+                field(body, "want", int, 0),
+                field(body, "wait", float, 0.0),
+            )
+
+    async def leave(self, request: Request, params: list[str]) -> Any:
+        with _errors():
+            await self.supernode.leave(params[0], params[1])
+        return {}
+
+    async def heartbeat(self, request: Request, params: list[str]) -> Any:
+        body = read_json(request)
+        task_ids = field(body, "tasks", list, [])
+        if not all(isinstance(t, str) for t in task_ids):
+            raise ApiError(400, "bad_request", "tasks must be a list of task ids")
+        return {"unknown": await self.supernode.heartbeat(params[0], task_ids)}
+
+    async def list_tasks(self, request: Request, params: list[str]) -> Any:
+        return {"tasks": await self.supernode.list_tasks()}
+
+    async def task_info(self, request: Request, params: list[str]) -> Any:
+        with _errors():
+            return await self.supernode.task_info(params[0])
+
+
+class _errors:
+    """
+    Map the core's exceptions to API errors.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        if isinstance(error, InvalidRequest):
+            raise ApiError(400, "bad_request", str(error)) from error
+        if isinstance(error, UnknownTask):
+            raise ApiError(404, "unknown", str(error)) from error
+        if isinstance(error, SourceError):
+            raise ApiError(
+                502 if error.status != 504 else 504,
+                "source",
+                str(error),
+                source_status=error.status,
+            ) from error
+
+
+def root(supernode: Supernode) -> Resource:
+    """
+    The API's resource tree: C{/_ping} and C{/api/v1/...}.
+    """
+    top = Resource()
+    top.putChild(b"_ping", Data(b"OK", "text/plain"))
+    top.putChild(b"api", SupernodeApi(supernode))
+    return top

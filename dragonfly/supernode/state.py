@@ -1,0 +1,157 @@
+"""
+The swarm state: tasks, the peers in each task's swarm, who holds which
+piece, what is in flight and who is blacklisted.
+
+Everything the scheduler decides from lives in one L{Swarm} record per task,
+reached through the narrow L{SwarmState} interface.  A caller takes a swarm,
+changes it and puts it back; L{InMemorySwarmState} hands out the live record,
+so putting it back costs nothing.  A shared implementation (Redis, so that
+several supernodes act as one) stores the same records and must make
+take-change-put atomic per task; the interface is asynchronous for that
+reason.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+SUPERNODE = "supernode"
+
+
+class TaskStatus(str, Enum):
+    FETCHING = "fetching"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class TaskInfo:
+    """
+    What the supernode knows of one file.
+
+    @ivar pieces: piece number to sha256 for every piece the supernode's CDN
+        has complete; these are the trusted digests peers verify against.
+    @ivar length: C{None} until the source says (or the body ends).
+    """
+
+    task_id: str
+    url: str
+    piece_size: int
+    length: int | None = None
+    status: TaskStatus = TaskStatus.FETCHING
+    pieces: dict[int, str] = field(default_factory=dict)
+    file_sha256: str = ""
+    digest: str = ""
+    error: str = ""
+    source_status: int = 0
+    created: float = 0.0
+    last_access: float = 0.0
+
+    @property
+    def piece_count(self) -> int | None:
+        if self.length is None:
+            return None
+        return (self.length + self.piece_size - 1) // self.piece_size
+
+
+@dataclass
+class PeerInfo:
+    peer_id: str
+    address: str
+    hostname: str = ""
+    last_seen: float = 0.0
+
+
+@dataclass
+class Lease:
+    """
+    A piece assigned to a peer and not yet reported: counts as load on its
+    source until reported or expired.
+    """
+
+    source: str
+    expires: float
+
+
+@dataclass
+class Swarm:
+    """
+    The scheduling state of one task.
+    """
+
+    task: TaskInfo
+    peers: dict[str, PeerInfo] = field(default_factory=dict)
+    holdings: dict[str, set[int]] = field(default_factory=dict)
+    leases: dict[tuple[str, int], Lease] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    requester_failures: dict[str, int] = field(default_factory=dict)
+    banned: set[str] = field(default_factory=set)
+    blacklist: dict[str, set[str]] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    served: dict[str, int] = field(default_factory=dict)
+
+    def remove_peer(self, peer_id: str) -> None:
+        """
+        Forget a peer: it holds nothing, serves nothing, fetches nothing.
+        """
+        self.peers.pop(peer_id, None)
+        self.holdings.pop(peer_id, None)
+        self.finished.discard(peer_id)
+        self.blacklist.pop(peer_id, None)
+        for key, lease in list(self.leases.items()):
+            if key[0] == peer_id or lease.source == peer_id:
+                del self.leases[key]
+
+    @property
+    def downloading(self) -> int:
+        """
+        How many peers of the swarm are still downloading.
+        """
+        return len(self.peers) - len(self.finished & self.peers.keys())
+
+
+class SwarmState(Protocol):
+    """
+    Where swarms live.
+    """
+
+    async def get(self, task_id: str) -> Swarm | None:
+        """
+        The swarm of C{task_id}, or C{None}.
+        """
+
+    async def put(self, swarm: Swarm) -> None:
+        """
+        Store C{swarm} (after changing it).
+        """
+
+    async def drop(self, task_id: str) -> None:
+        """
+        Forget a task and its swarm.
+        """
+
+    async def task_ids(self) -> list[str]:
+        """
+        Every task id known.
+        """
+
+
+class InMemorySwarmState:
+    """
+    Swarms in this process's memory.
+    """
+
+    def __init__(self) -> None:
+        self._swarms: dict[str, Swarm] = {}
+
+    async def get(self, task_id: str) -> Swarm | None:
+        return self._swarms.get(task_id)
+
+    async def put(self, swarm: Swarm) -> None:
+        self._swarms[swarm.task.task_id] = swarm
+
+    async def drop(self, task_id: str) -> None:
+        self._swarms.pop(task_id, None)
+
+    async def task_ids(self) -> list[str]:
+        return list(self._swarms)

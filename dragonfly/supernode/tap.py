@@ -1,0 +1,153 @@
+"""
+C{twistd supernode}: options and service composition.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from dragonfly.options import (
+    TLS_PARAMETERS,
+    check_tls_options,
+    converted,
+    duration_option,
+    guess_ip,
+    ip_address,
+    port_number,
+    size_option,
+)
+from dragonfly.piece_protocol import Identity, PieceServerFactory
+from dragonfly.supernode.api import root
+from dragonfly.supernode.scheduler import Limits
+from dragonfly.supernode.service import Settings, Supernode
+from dragonfly.supernode.state import InMemorySwarmState
+from dragonfly.tls import TLSConfig, TLSConfigError
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a supernode: it fetches each file from its source once, caches "
+        "it in pieces and schedules which peer fetches which piece from whom."
+    )
+    optParameters = [
+        ["port", "p", 8002, "Control API port.", converted(port_number, "port")],
+        ["download-port", None, 8001, "Piece protocol port.",
+         converted(port_number, "download-port")],
+        ["listen-ip", None, "", "Address to listen on (default: all).",
+         converted(ip_address, "listen-ip")],
+        ["advertise-ip", None, "", "Address peers reach this supernode at "
+         "(default: --listen-ip, else this host's name's address).",
+         converted(ip_address, "advertise-ip")],
+        ["home", None, str(Path("~/.small-dragonfly/supernode").expanduser()),
+         "Cache and state directory."],
+        ["piece-size", None, None, "Fixed piece size (default: 4 MiB, larger "
+         "for files over 200 MiB).", size_option("piece-size")],
+        ["peer-up-limit", None, 5, "Concurrent uploads scheduled per peer.",
+         converted(int, "peer-up-limit")],
+        ["supernode-up-limit", None, 32, "Concurrent uploads per task from "
+         "the supernode.", converted(int, "supernode-up-limit")],
+        ["task-expire", None, 1800.0, "Forget a task idle this long (cache "
+         "kept on disk).", duration_option("task-expire")],
+        ["peer-expire", None, 60.0, "Drop a peer silent this long.",
+         duration_option("peer-expire")],
+        ["cache-limit", None, 0, "Evict least recently used cached files "
+         "beyond this size (0: no limit).", size_option("cache-limit")],
+        ["source-timeout", None, 30.0, "How long the source may take to answer.",
+         duration_option("source-timeout")],
+        *TLS_PARAMETERS,
+    ]
+
+    def postOptions(self) -> None:
+        check_tls_options(self)
+        if self["piece-size"] is not None and not (
+            64 * 1024 <= self["piece-size"] <= 64 << 20
+        ):
+            raise usage.UsageError("--piece-size must be between 64K and 64M")
+        if not self["advertise-ip"]:
+            self["advertise-ip"] = self["listen-ip"] or guess_ip()
+
+
+class _Stopper(Service):
+    """
+    Stops the supernode's fetches and waiting calls at shutdown.
+    """
+
+    def __init__(self, supernode: Supernode, pieces: PieceServerFactory) -> None:
+        self._supernode = supernode
+        self._pieces = pieces
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._pieces.close_all()
+        self._supernode.stop()
+
+
+def _listen(reactor: Any, port: int, ip: str, tls: TLSConfig | None) -> Any:
+    if tls is None:
+        return endpoints.TCP4ServerEndpoint(reactor, port, interface=ip)
+    return endpoints.SSL4ServerEndpoint(reactor, port, tls.server_options(), interface=ip)
+
+
+def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode]:
+    """
+    Compose the supernode's services from parsed options.
+    """
+    tls = None
+    if options["tls-cert"]:
+        try:
+            tls = TLSConfig.load(options["tls-cert"], options["tls-key"], options["tls-ca"])
+        except TLSConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if not tls.mutual:
+            Logger().warn("TLS without --tls-ca: traffic is encrypted, peers are not authenticated")
+    settings = Settings(
+        advertise_ip=options["advertise-ip"],
+        download_port=options["download-port"],
+        piece_size=options["piece-size"],
+        limits=Limits(
+            peer_upload_limit=options["peer-up-limit"],
+            supernode_upload_limit=options["supernode-up-limit"],
+        ),
+        task_expire=options["task-expire"],
+        peer_expire=options["peer-expire"],
+        cache_limit=options["cache-limit"],
+        header_timeout=options["source-timeout"],
+    )
+    http = HTTPClient(
+        Agent(reactor, connectTimeout=10, pool=HTTPConnectionPool(reactor))
+    )
+    supernode = Supernode(
+        reactor, Path(options["home"]), InMemorySwarmState(), http, settings
+    )
+    pieces = PieceServerFactory(
+        supernode.store,
+        Identity(f"cdnnode:{settings.advertise_ip}", supernode.address),
+        reactor,
+    )
+    top = MultiService()
+    listen_ip = options["listen-ip"]
+    StreamServerEndpointService(
+        _listen(reactor, options["port"], listen_ip, tls), Site(root(supernode))
+    ).setServiceParent(top)
+    StreamServerEndpointService(
+        _listen(reactor, options["download-port"], listen_ip, tls), pieces
+    ).setServiceParent(top)
+    TimerService(10.0, supernode.collect).setServiceParent(top)
+    _Stopper(supernode, pieces).setServiceParent(top)
+    return top, supernode
+
+
+def makeService(options: usage.Options) -> IService:
+    from twisted.internet import reactor
+
+    service, _ = build(options, reactor)
+    return service
