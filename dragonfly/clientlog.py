@@ -43,7 +43,9 @@ def _formatter(sign: str) -> Any:
         level = _LEVELS.get(event.get("log_level", LogLevel.info), "INFO")
         message = formatEvent(event)
         if "piece" in event:
-            message = "downloading piece:" + json.dumps(event["piece"], separators=(",", ":"))
+            message = "downloading piece:" + json.dumps(
+                event["piece"], separators=(",", ":")
+            )
         return f"{text}.{millis:03d} {level} sign:{sign} : {message}\n"
 
     return format_line

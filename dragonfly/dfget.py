@@ -32,7 +32,6 @@ from dragonfly.options import ip_address
 from dragonfly.peer.engine import DownloadError, DownloadRequest, DownloadResult, place
 from dragonfly.peer.node import PeerConfig, PeerNode
 from dragonfly.peer.supernode_client import (
-    Node,
     SupernodeRefused,
     SupernodeUnavailable,
     parse_nodes,
@@ -76,47 +75,121 @@ def parser() -> argparse.ArgumentParser:
         prog="dfget",
         description="Download a URL through the Dragonfly swarm.",
     )
-    p.add_argument("-u", "--url", required=True, type=_typed(check_url, "URL"),
-                   help="http or https URL to download")
-    p.add_argument("-o", "--output", help="file to write (default: the URL's "
-                   "last path segment in the current directory)")
-    p.add_argument("-n", "--node", action="append", default=[],
-                   help="supernode host:port; repeat or comma-separate for "
-                   "fail-over in order (default 127.0.0.1:8002)")
-    p.add_argument("--home", type=Path,
-                   default=Path(os.environ.get("DFGET_HOME", "~/.small-dragonfly")).expanduser(),
-                   help="work directory: logs/dfclient.log, data/ (default ~/.small-dragonfly)")
-    p.add_argument("--ip", type=_typed(ip_address, "IP"), default="127.0.0.1",
-                   help="address to bind and advertise to other peers (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0,
-                   help="port serving pieces to other peers (default: any free port)")
-    p.add_argument("--header", action="append", default=[], type=_typed(_header, "header"),
-                   help="'Name: value' header for the source; repeatable")
-    p.add_argument("--digest", type=_typed(check_digest, "digest"), default=None,
-                   help="expected sha256:<hex> of the whole file")
-    p.add_argument("-i", "--identifier", default="",
-                   help="extra task identity (the same URL with different content)")
-    p.add_argument("-f", "--filter", default="",
-                   help="'&'-separated query parameters ignored in the task identity")
-    p.add_argument("-s", "--locallimit", type=_typed(parse_size, "size"), default=0,
-                   help="download rate limit for this file, e.g. 50M (default: none)")
-    p.add_argument("--totallimit", type=_typed(parse_size, "size"), default=0,
-                   help="download rate limit for this process (default: none)")
-    p.add_argument("--uploadlimit", type=_typed(parse_size, "size"), default=0,
-                   help="upload rate limit to other peers (default: none)")
-    p.add_argument("-e", "--timeout", type=_typed(parse_duration, "duration"), default=0.0,
-                   help="give up after this long, e.g. 10m (default: never; stalls "
-                   "are caught by the watchdogs)")
-    p.add_argument("--notbs", action="store_true",
-                   help="never download straight from the source")
-    p.add_argument("--keep-serving", type=_typed(parse_duration, "duration"), default=60.0,
-                   help="after finishing, keep serving pieces while other peers "
-                   "still download, at most this long (default 60s; 0: exit at once)")
-    p.add_argument("--tls-cert", default="", help="PEM certificate for TLS piece transfers")
+    p.add_argument(
+        "-u",
+        "--url",
+        required=True,
+        type=_typed(check_url, "URL"),
+        help="http or https URL to download",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="file to write (default: the URL's "
+        "last path segment in the current directory)",
+    )
+    p.add_argument(
+        "-n",
+        "--node",
+        action="append",
+        default=[],
+        help="supernode host:port; repeat or comma-separate for "
+        "fail-over in order (default 127.0.0.1:8002)",
+    )
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("DFGET_HOME", "~/.small-dragonfly")).expanduser(),
+        help="work directory: logs/dfclient.log, data/ (default ~/.small-dragonfly)",
+    )
+    p.add_argument(
+        "--ip",
+        type=_typed(ip_address, "IP"),
+        default="127.0.0.1",
+        help="address to bind and advertise to other peers (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port serving pieces to other peers (default: any free port)",
+    )
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        type=_typed(_header, "header"),
+        help="'Name: value' header for the source; repeatable",
+    )
+    p.add_argument(
+        "--digest",
+        type=_typed(check_digest, "digest"),
+        default=None,
+        help="expected sha256:<hex> of the whole file",
+    )
+    p.add_argument(
+        "-i",
+        "--identifier",
+        default="",
+        help="extra task identity (the same URL with different content)",
+    )
+    p.add_argument(
+        "-f",
+        "--filter",
+        default="",
+        help="'&'-separated query parameters ignored in the task identity",
+    )
+    p.add_argument(
+        "-s",
+        "--locallimit",
+        type=_typed(parse_size, "size"),
+        default=0,
+        help="download rate limit for this file, e.g. 50M (default: none)",
+    )
+    p.add_argument(
+        "--totallimit",
+        type=_typed(parse_size, "size"),
+        default=0,
+        help="download rate limit for this process (default: none)",
+    )
+    p.add_argument(
+        "--uploadlimit",
+        type=_typed(parse_size, "size"),
+        default=0,
+        help="upload rate limit to other peers (default: none)",
+    )
+    p.add_argument(
+        "-e",
+        "--timeout",
+        type=_typed(parse_duration, "duration"),
+        default=0.0,
+        help="give up after this long, e.g. 10m (default: never; stalls "
+        "are caught by the watchdogs)",
+    )
+    p.add_argument(
+        "--notbs", action="store_true", help="never download straight from the source"
+    )
+    p.add_argument(
+        "--keep-serving",
+        type=_typed(parse_duration, "duration"),
+        default=60.0,
+        help="after finishing, keep serving pieces while other peers "
+        "still download, at most this long (default 60s; 0: exit at once)",
+    )
+    p.add_argument(
+        "--tls-cert", default="", help="PEM certificate for TLS piece transfers"
+    )
     p.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
-    p.add_argument("--tls-ca", default="", help="PEM CA that peers' certificates must be signed by")
-    p.add_argument("--showbar", "-b", action="store_true", default=None,
-                   help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument(
+        "--tls-ca", default="", help="PEM CA that peers' certificates must be signed by"
+    )
+    p.add_argument(
+        "--showbar",
+        "-b",
+        action="store_true",
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
     p.add_argument("--verbose", action="store_true", help="log debug events too")
     p.add_argument("--version", action="version", version=f"dfget {__version__}")
     return p
@@ -134,7 +207,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.nodes = parse_nodes(args.node or ["127.0.0.1:8002"])
-        args.output = Path(args.output).absolute() if args.output else default_output(args.url)
+        args.output = (
+            Path(args.output).absolute() if args.output else default_output(args.url)
+        )
     except (ValueError, InvalidRequest) as e:
         p.error(str(e))
     if args.output.is_dir():
@@ -233,7 +308,9 @@ async def download(reactor: Any, args: argparse.Namespace) -> int:
         return _failed(reactor, started, EXIT_CODES.get(e.kind, 1), e.message)
     except OSError as e:
         progress.close()
-        return _failed(reactor, started, 7, f"{e.strerror or e}: {e.filename or args.output}")
+        return _failed(
+            reactor, started, 7, f"{e.strerror or e}: {e.filename or args.output}"
+        )
     else:
         _succeeded(result, args.output)
         await _keep_serving(reactor, node, result, args.keep_serving)
@@ -251,15 +328,21 @@ def _succeeded(result: DownloadResult, output: Path) -> None:
         f"sha256:{result.sha256} output:{output}\n"
         f"  from peers {format_size(tiers['peers'])}, supernode "
         f"{format_size(tiers['supernode'])}, source {format_size(tiers['source'])}"
-        + (f" (back to source: {result.back_to_source_reason})"
-           if result.back_to_source_reason else "")
+        + (
+            f" (back to source: {result.back_to_source_reason})"
+            if result.back_to_source_reason
+            else ""
+        )
     )
 
 
 def _failed(reactor: Any, started: float, code: int, message: str) -> int:
     _log.error("download failed: {message}", message=message)
-    print(f"dfget: download FAIL({code}) cost:{reactor.seconds() - started:.3f}s "
-          f"error: {message}", file=sys.stderr)
+    print(
+        f"dfget: download FAIL({code}) cost:{reactor.seconds() - started:.3f}s "
+        f"error: {message}",
+        file=sys.stderr,
+    )
     return code
 
 
@@ -286,17 +369,14 @@ async def _keep_serving(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """
+    The C{dfget} console script.
+    """
     args = parse_args(argv)
 
-    def run(reactor: Any) -> Deferred[int]:
-        d = Deferred.fromCoroutine(download(reactor, args))
+    async def run(reactor: Any) -> None:
+        code = await download(reactor, args)
+        if code:
+            raise SystemExit(code)
 
-        def exit_with(code: int) -> None:
-            if code:
-                raise SystemExit(code)
-
-        return d.addCallback(exit_with)  # type: ignore[return-value]
-
-    react(run)
-
-
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

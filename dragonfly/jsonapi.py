@@ -105,7 +105,9 @@ class JsonApi(Resource):
         self._routes.append((method, pattern, handler))
 
     def _match(self, request: Request) -> tuple[Handler, list[str]] | None:
-        path = [segment.decode("utf-8", "replace") for segment in request.postpath]
+        path = [
+            segment.decode("utf-8", "replace") for segment in request.postpath or []
+        ]
         if path and path[-1] == "":
             path = path[:-1]
         method_mismatch = False
@@ -131,7 +133,9 @@ class JsonApi(Resource):
             write_json(request, e.status, {"error": e.code, "message": e.message})
             return NOT_DONE_YET
         if found is None:
-            write_json(request, 404, {"error": "not_found", "message": "no such endpoint"})
+            write_json(
+                request, 404, {"error": "not_found", "message": "no such endpoint"}
+            )
             return NOT_DONE_YET
         handler, params = found
         d = Deferred.fromCoroutine(self._run(handler, request, params))
@@ -144,12 +148,20 @@ class JsonApi(Resource):
         except CancelledError:
             return
         except ApiError as e:
-            self._reply(request, e.status, {"error": e.code, "message": e.message, **e.extra})
+            self._reply(
+                request, e.status, {"error": e.code, "message": e.message, **e.extra}
+            )
             return
         except Exception:
-            self._log.failure("handling {method} {uri}", Failure(),
-                              method=request.method, uri=request.uri)
-            self._reply(request, 500, {"error": "internal", "message": "internal error"})
+            self._log.failure(
+                "handling {method} {uri}",
+                Failure(),
+                method=request.method,
+                uri=request.uri,
+            )
+            self._reply(
+                request, 500, {"error": "internal", "message": "internal error"}
+            )
             return
         if result is NOT_DONE_YET:
             return

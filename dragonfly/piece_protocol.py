@@ -24,7 +24,8 @@ node.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail, succeed
@@ -124,6 +125,8 @@ class PieceServerFactory(Factory):
     Shared state of a piece server: what it serves, limits and statistics.
     """
 
+    noisy = False
+
     def __init__(
         self,
         source: PieceSource,
@@ -148,7 +151,7 @@ class PieceServerFactory(Factory):
         self.stats = ServerStats()
         self.connections: set[PieceServerProtocol] = set()
 
-    def buildProtocol(self, addr: IAddress) -> "PieceServerProtocol":
+    def buildProtocol(self, addr: IAddress | None) -> "PieceServerProtocol":
         return PieceServerProtocol(self)
 
     def close_all(self) -> None:
@@ -168,12 +171,18 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
 
     def __init__(self, factory: PieceServerFactory) -> None:
         self.factory = factory
-        self.callLater = factory.clock.callLater  # TimeoutMixin uses this clock
         self._decoder = wire.Decoder()
         self._greeted = False
         self._queue: list[wire.GetPiece] = []
         self._sender: _PieceSender | None = None
         self._closing = False
+
+    def callLater(
+        self, delay: float, f: Callable[..., Any], *args: Any
+    ) -> IDelayedCall:
+        # TimeoutMixin schedules through this: use the injected clock.
+        clock: IReactorTime = self.factory.clock
+        return clock.callLater(delay, f, *args)
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
@@ -217,7 +226,9 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
             return
         self._greeted = True
         identity = self.factory.identity
-        self._send(wire.Hello(wire.PROTOCOL_VERSION, identity.peer_id, identity.address))
+        self._send(
+            wire.Hello(wire.PROTOCOL_VERSION, identity.peer_id, identity.address)
+        )
         self.setTimeout(self.factory.idle_timeout)
 
     def _enqueue(self, request: wire.GetPiece) -> None:
@@ -242,7 +253,9 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
             except PieceUnavailable as e:
                 self._refuse(request.request_id, e.code, e.message)
                 continue
-            self._send(wire.PieceHeader(request.request_id, request.piece, reader.length))
+            self._send(
+                wire.PieceHeader(request.request_id, request.piece, reader.length)
+            )
             self.factory.active_uploads += 1
             self._sender = _PieceSender(self, reader)
             self.transport.registerProducer(self._sender, False)  # type: ignore[union-attr]
@@ -378,7 +391,6 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
     ) -> None:
         self.identity = identity
         self._on_lost = on_lost
-        self.callLater = clock.callLater
         self.ready: Deferred[wire.Hello] = Deferred()
         self.remote: wire.Hello | None = None
         self._clock = clock
@@ -392,6 +404,12 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         self._resume_call: IDelayedCall | None = None
         self._lost = False
         self.bytes_received = 0
+
+    def callLater(
+        self, delay: float, f: Callable[..., Any], *args: Any
+    ) -> IDelayedCall:
+        # TimeoutMixin schedules through this: use the injected clock.
+        return self._clock.callLater(delay, f, *args)
 
     def connectionMade(self) -> None:
         self.setTimeout(self._handshake_timeout)
@@ -473,7 +491,9 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
                 if self.remote is not None:
                     raise wire.ProtocolViolation("second HELLO")
                 self.remote = event
-                self.setTimeout(self._idle_timeout if not self._requests else self._stall_timeout)
+                self.setTimeout(
+                    self._idle_timeout if not self._requests else self._stall_timeout
+                )
                 self.ready.callback(event)
             case wire.PieceHeader(request_id, piece, length):
                 request = self._expect(request_id)
@@ -542,7 +562,9 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         if self._resume_call is not None:
             self._resume_call.cancel()
             self._resume_call = None
-        self._fail_all(PieceRequestError(f"connection lost: {reason.getErrorMessage()}"))
+        self._fail_all(
+            PieceRequestError(f"connection lost: {reason.getErrorMessage()}")
+        )
         if self._on_lost is not None:
             self._on_lost(self)
 
@@ -624,8 +646,11 @@ class PieceClientPool:
             self._connected[address] = result
         for waiter in waiters:
             if isinstance(result, Failure):
-                waiter.errback(PieceRequestError(f"cannot connect to {address}: "
-                                                 f"{result.getErrorMessage()}"))
+                waiter.errback(
+                    PieceRequestError(
+                        f"cannot connect to {address}: {result.getErrorMessage()}"
+                    )
+                )
             else:
                 waiter.callback(result)
 
@@ -644,6 +669,7 @@ class PieceClientPool:
         )
         if self._tls is not None:
             endpoint = endpoints.wrapClientTLS(self._tls.client_options(host), endpoint)
+
         def forget(lost: PieceClientProtocol) -> None:
             if self._connected.get(address) is lost:
                 del self._connected[address]
@@ -654,7 +680,7 @@ class PieceClientPool:
             stall_timeout=self._stall_timeout,
             on_lost=forget,
         )
-        connecting = endpoints.connectProtocol(endpoint, protocol)
+        connecting = endpoint.connect(_OneConnection(protocol))
         connecting.addTimeout(self._connect_timeout, self._reactor)
         await connecting
         await protocol.ready
@@ -667,3 +693,17 @@ class PieceClientPool:
         for connection in list(self._connected.values()):
             connection.transport.loseConnection()  # type: ignore[union-attr]
         self._connected.clear()
+
+
+class _OneConnection(Factory):
+    """
+    Builds the one, already made, protocol of an outbound connection.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: PieceClientProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> PieceClientProtocol:
+        return self._protocol

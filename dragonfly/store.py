@@ -40,7 +40,9 @@ class TaskFile:
         said (a streamed response without Content-Length).
     """
 
-    def __init__(self, task_id: str, path: Path, piece_size: int, length: int | None) -> None:
+    def __init__(
+        self, task_id: str, path: Path, piece_size: int, length: int | None
+    ) -> None:
         self.task_id = task_id
         self.path = path
         self.piece_size = piece_size
@@ -171,7 +173,9 @@ class PieceStore:
         if task_file is None:
             raise PieceUnavailable(wire.ErrorCode.UNKNOWN_TASK, "unknown task")
         if piece not in task_file.held:
-            raise PieceUnavailable(wire.ErrorCode.PIECE_NOT_HELD, f"piece {piece} not held")
+            raise PieceUnavailable(
+                wire.ErrorCode.PIECE_NOT_HELD, f"piece {piece} not held"
+            )
         task_file.last_used = self._reactor.seconds()
         offset, size = task_file.bounds(piece)
         return _HeldPiece(task_file, offset, size)

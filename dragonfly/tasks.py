@@ -82,9 +82,7 @@ def normalize_url(url: str, filters: Iterable[str] = ()) -> str:
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
         if k not in dropped
     ]
-    return urlunsplit(
-        (parts.scheme, parts.netloc, parts.path, urlencode(query), "")
-    )
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
 
 def task_id_for(

@@ -293,9 +293,7 @@ class Decoder:
         that follow a C{PIECE} header, which are payload.
         """
         while len(self._buffer) >= HEADER.size:
-            kind, flags, reserved, request_id, length = HEADER.unpack_from(
-                self._buffer
-            )
+            kind, flags, reserved, request_id, length = HEADER.unpack_from(self._buffer)
             if kind not in MessageType.__members__.values():
                 raise ProtocolViolation(f"unknown frame type {kind}")
             if flags or reserved:

@@ -23,10 +23,25 @@ from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
 from dragonfly.tasks import InvalidRequest, check_digest, check_url
 
 _HOP_BY_HOP = {
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailers",
+    b"transfer-encoding",
+    b"upgrade",
+    b"host",
+    b"content-length",
 }
-_STATUS_OF = {"source": 502, "digest": 502, "timeout": 504, "supernode": 503, "swarm": 503, "io": 507}
+_STATUS_OF = {
+    "source": 502,
+    "digest": 502,
+    "timeout": 504,
+    "supernode": 503,
+    "swarm": 503,
+    "io": 507,
+}
 
 
 class PeerApi(JsonApi):
@@ -55,8 +70,9 @@ class PeerApi(JsonApi):
                 DownloadRequest(url=url, headers=headers, digest=digest)
             )
         except DownloadError as e:
-            raise ApiError(_STATUS_OF.get(e.kind, 500), e.kind, e.message,
-                           source_status=e.status) from e
+            raise ApiError(
+                _STATUS_OF.get(e.kind, 500), e.kind, e.message, source_status=e.status
+            ) from e
         request.setResponseCode(200)
         request.setHeader("content-type", "application/octet-stream")
         request.setHeader("content-length", str(result.length))

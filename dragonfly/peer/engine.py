@@ -24,11 +24,18 @@ import hashlib
 import os
 import socket
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+)
+from twisted.internet.defer import (
+    TimeoutError as DeferredTimeout,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -138,7 +145,11 @@ class PeerEngine:
         self.pieces = pieces
         self.peer_id = peer_id
         self._address = address
-        self._piece_log = Logger(namespace="dragonfly.pieces", observer=piece_log) if piece_log else None
+        self._piece_log = (
+            Logger(namespace="dragonfly.pieces", observer=piece_log)
+            if piece_log
+            else None
+        )
         self.concurrency = concurrency
         self.total_bucket = total_bucket
         self.source_http = source_http
@@ -154,7 +165,9 @@ class PeerEngine:
         Download a task into the store.  Concurrent requests for one task
         share its download.  Cancelling the result stops it.
         """
-        task_id = task_id_for(request.url, request.filters, request.digest, request.identifier)
+        task_id = task_id_for(
+            request.url, request.filters, request.digest, request.identifier
+        )
         running = self.downloading.get(task_id)
         if running is not None:
             follower: Deferred[DownloadResult] = Deferred()
@@ -168,7 +181,9 @@ class PeerEngine:
         def done(result: object) -> object:
             self.downloading.pop(task_id, None)
             if isinstance(result, Failure) and result.check(DeferredTimeout):
-                return Failure(DownloadError("timeout", f"download took over {request.timeout:g}s"))
+                return Failure(
+                    DownloadError("timeout", f"download took over {request.timeout:g}s")
+                )
             return result
 
         d.addBoth(done)
@@ -199,18 +214,24 @@ class PeerEngine:
                 await self.supernodes.register(body, REGISTER_TIMEOUT)
                 await self.supernodes.schedule(
                     task_id,
-                    {"peer_id": self.peer_id, "finished": sorted(self.store.tasks[task_id].held), "want": 0},
+                    {
+                        "peer_id": self.peer_id,
+                        "finished": sorted(self.store.tasks[task_id].held),
+                        "want": 0,
+                    },
                     10.0,
                 )
             except (SupernodeUnavailable, SupernodeRefused, KeyError) as e:
-                self._log.info("re-registering {task_id} failed: {error}", task_id=task_id, error=e)
+                self._log.info(
+                    "re-registering {task_id} failed: {error}", task_id=task_id, error=e
+                )
 
     async def leave_all(self) -> None:
         for task_id in list(self.registrations):
-            try:
+            # Leaving is a courtesy: a supernode that cannot be told drops
+            # this peer when its heartbeats stop.
+            with suppress(SupernodeUnavailable, SupernodeRefused):
                 await self.supernodes.leave(task_id, self.peer_id)
-            except (SupernodeUnavailable, SupernodeRefused):
-                pass
 
 
 def _chain_to(result: Any, follower: "Deferred[Any]") -> Any:
@@ -228,7 +249,9 @@ class _Download:
 
     _log = Logger()
 
-    def __init__(self, engine: PeerEngine, request: DownloadRequest, task_id: str) -> None:
+    def __init__(
+        self, engine: PeerEngine, request: DownloadRequest, task_id: str
+    ) -> None:
         self.engine = engine
         self.request = request
         self.task_id = task_id
@@ -243,8 +266,8 @@ class _Download:
         self.supernode_address = ""
         self.in_flight: dict[int, Deferred[None]] = {}
         self.report = _Report()
-        self.poll: Deferred[None] | None = None
-        self.report_call: Deferred[None] | None = None
+        self.poll: Deferred[Any] | None = None
+        self.report_call: Deferred[Any] | None = None
         self.bytes_by_tier = {"peers": 0, "supernode": 0, "source": 0}
         self.pieces_by_tier = {"peers": 0, "supernode": 0, "source": 0}
         self.outcome: Deferred[None] = Deferred()
@@ -295,7 +318,8 @@ class _Download:
         )
         self._log.info(
             "download of {url} finished: {length} bytes in {seconds:.2f}s, "
-            "{peers} from peers, {supernode} from the supernode, {source} from the source",
+            "{peers} from peers, {supernode} from the supernode, "
+            "{source} from the source",
             url=self.request.url,
             length=self.length,
             seconds=result.seconds,
@@ -329,13 +353,17 @@ class _Download:
                 self._stop_pieces()
                 self.engine.supernodes.next_node()
                 try:
-                    reply = await self.engine.supernodes.register(body, REGISTER_TIMEOUT)
+                    reply = await self.engine.supernodes.register(
+                        body, REGISTER_TIMEOUT
+                    )
                 except SupernodeUnavailable:
                     return self._no_swarm(f"lost the supernode: {e}")
                 except SupernodeRefused as refused:
                     raise self._refusal(refused) from None
                 self._accept_registration(reply)
-                self.report.finished[:0] = sorted(self.task_file.held) if self.task_file else []
+                self.report.finished[:0] = (
+                    sorted(self.task_file.held) if self.task_file else []
+                )
             except _SwarmFailed as e:
                 if 400 <= e.status < 500:
                     raise DownloadError("source", str(e), e.status) from None
@@ -398,7 +426,7 @@ class _Download:
             and len(self.task_file.held) >= self.piece_count
         )
 
-    def _call(self, want: int) -> "Deferred[None]":
+    def _call(self, want: int) -> "Deferred[Any]":
         report = self.report.take()
         body = {
             "peer_id": self.engine.peer_id,
@@ -424,14 +452,16 @@ class _Download:
                 error = failure.value
                 assert isinstance(error, SupernodeRefused)
                 if error.status == 404:
-                    failure = Failure(SupernodeUnavailable(f"supernode forgot the task: {error}"))
+                    failure = Failure(
+                        SupernodeUnavailable(f"supernode forgot the task: {error}")
+                    )
             if not self.outcome.called:
                 self.outcome.errback(failure)
 
         d.addCallbacks(answered, failed)
         return d
 
-    def _clear_call(self, d: "Deferred[None]") -> None:
+    def _clear_call(self, d: "Deferred[Any]") -> None:
         if self.poll is d:
             self.poll = None
         if self.report_call is d:
@@ -442,8 +472,12 @@ class _Download:
             return
         status = reply.get("status")
         if status == "failed":
-            self.outcome.errback(_SwarmFailed(reply.get("error") or "task failed",
-                                              int(reply.get("source_status") or 0)))
+            self.outcome.errback(
+                _SwarmFailed(
+                    reply.get("error") or "task failed",
+                    int(reply.get("source_status") or 0),
+                )
+            )
             return
         if reply.get("length") is not None and self.length is None:
             self.length = int(reply["length"])
@@ -456,7 +490,9 @@ class _Download:
             piece = int(assignment["piece"])
             if piece in self.in_flight:
                 continue
-            self.in_flight[piece] = Deferred.fromCoroutine(self._fetch_piece(assignment))
+            self.in_flight[piece] = Deferred.fromCoroutine(
+                self._fetch_piece(assignment)
+            )
         self._kick()
 
     async def _fetch_piece(self, assignment: dict[str, Any]) -> None:
@@ -483,11 +519,15 @@ class _Download:
             self._failed(piece, source_id, "digest", str(e))
         except PieceRequestError as e:
             result = 500
-            self._failed(piece, source_id, "stalled" if "no data" in str(e) else "error", str(e))
+            self._failed(
+                piece, source_id, "stalled" if "no data" in str(e) else "error", str(e)
+            )
         except OSError as e:
             self.in_flight.pop(piece, None)
             if not self.outcome.called:
-                self.outcome.errback(DownloadError("io", f"cannot write {task_file.path}: {e}"))
+                self.outcome.errback(
+                    DownloadError("io", f"cannot write {task_file.path}: {e}")
+                )
             return
         else:
             task_file.held.add(piece)
@@ -523,7 +563,9 @@ class _Download:
             reason=reason,
             detail=detail,
         )
-        self.report.failed.append({"piece": piece, "peer_id": source_id, "reason": reason})
+        self.report.failed.append(
+            {"piece": piece, "peer_id": source_id, "reason": reason}
+        )
 
     def _stop_pieces(self) -> None:
         for d in list(self.in_flight.values()):
@@ -555,7 +597,7 @@ class _Download:
             raise DownloadError(
                 "source", f"source answered HTTP {response.code}", response.code
             )
-        length = None if response.length is UNKNOWN_LENGTH else int(response.length)  # type: ignore[call-overload]
+        length = None if response.length is UNKNOWN_LENGTH else int(response.length)
         self.engine.store.remove(self.task_id)
         piece_size = piece_size_for(length)
         task_file = self.engine.store.open(self.task_id, piece_size, length)
@@ -581,7 +623,9 @@ class _Download:
         expected = self.request.digest.removeprefix("sha256:")
         sha256 = self.file_sha256
         if expected or not sha256:
-            sha256 = await self.engine.store.in_thread(self.task_file.hash_range, 0, self.length)
+            sha256 = await self.engine.store.in_thread(
+                self.task_file.hash_range, 0, self.length
+            )
         if expected and sha256 != expected:
             self.engine.store.remove(self.task_id)
             raise DownloadError(
@@ -653,10 +697,15 @@ class _SourceReceiver(Protocol):
 
         def finished(result: object) -> None:
             if isinstance(result, Failure):
-                self.done.errback(DownloadError("io", f"writing failed: {result.getErrorMessage()}"))
+                self.done.errback(
+                    DownloadError("io", f"writing failed: {result.getErrorMessage()}")
+                )
             elif not ok:
                 self.done.errback(
-                    DownloadError("source", f"source connection failed: {reason.getErrorMessage()}")
+                    DownloadError(
+                        "source",
+                        f"source connection failed: {reason.getErrorMessage()}",
+                    )
                 )
             else:
                 self.done.callback(self._offset)
@@ -693,5 +742,3 @@ def _copy(task_file: TaskFile, target: Path) -> None:
                 raise OSError(f"{task_file.path} is shorter than expected")
             out.write(data)
             offset += len(data)
-
-

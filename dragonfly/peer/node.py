@@ -12,9 +12,8 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver
-from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 
+from dragonfly.http import http_client
 from dragonfly.peer.engine import PeerEngine
 from dragonfly.peer.supernode_client import Node, SupernodeClient
 from dragonfly.piece_protocol import Identity, PieceClientPool, PieceServerFactory
@@ -84,9 +83,7 @@ class PeerNode:
             piece_log=piece_log,
             concurrency=config.concurrency,
             total_bucket=total,
-            source_http=HTTPClient(
-                Agent(reactor, connectTimeout=10, pool=HTTPConnectionPool(reactor))
-            ),
+            source_http=http_client(reactor, bind_ip=config.ip),
         )
 
     @property
@@ -124,8 +121,8 @@ class PeerNode:
         self.pool.close()
         self.server.close_all()
         if self._port is not None:
-            await self._port.stopListening()
+            stopping = self._port.stopListening()
             self._port = None
+            if stopping is not None:
+                await stopping
         self.store.close()
-
-

@@ -13,11 +13,11 @@ from typing import Any
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
-from treq.client import HTTPClient
 from zope.interface import implementer
 
+from dragonfly.http import http_client
 from dragonfly.tls import TLSConfig
 
 MAX_REPLY = 4 << 20
@@ -47,7 +47,9 @@ class _PeerTLSPolicy:
     def __init__(self, tls: TLSConfig) -> None:
         self._tls = tls
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+    def creatorForNetloc(
+        self, hostname: bytes, port: int
+    ) -> IOpenSSLClientConnectionCreator:
         return self._tls.client_options(hostname.decode("ascii"))
 
 
@@ -69,8 +71,8 @@ def parse_nodes(values: list[str]) -> list[Node]:
     """
     nodes = []
     for value in values:
-        for item in value.split(","):
-            item = item.strip()
+        for raw in value.split(","):
+            item = raw.strip()
             if not item:
                 continue
             host, sep, port = item.partition(":")
@@ -103,15 +105,12 @@ class SupernodeClient:
         self.nodes = nodes
         self._current = 0
         self._scheme = "https" if tls else "http"
-        options: dict[str, Any] = {
-            "connectTimeout": 5,
-            "bindAddress": (bind_ip, 0) if bind_ip else None,
-            "pool": HTTPConnectionPool(reactor),
-        }
-        if tls is not None:
-            options["contextFactory"] = _PeerTLSPolicy(tls)
-        agent = Agent(reactor, **options)
-        self._http = HTTPClient(agent)
+        self._http = http_client(
+            reactor,
+            connect_timeout=5,
+            bind_ip=bind_ip,
+            tls_policy=_PeerTLSPolicy(tls) if tls else None,
+        )
 
     @property
     def node(self) -> Node:
@@ -145,18 +144,26 @@ class SupernodeClient:
         """
         self._current = (self._current + 1) % len(self.nodes)
 
-    async def schedule(self, task_id: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def schedule(
+        self, task_id: str, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         return await self._call(
             self.node, "POST", f"/api/v1/tasks/{task_id}/schedule", body, timeout
         )
 
     async def heartbeat(self, peer_id: str, task_ids: list[str]) -> dict[str, Any]:
         return await self._call(
-            self.node, "POST", f"/api/v1/peers/{peer_id}/heartbeat", {"tasks": task_ids}, 10.0
+            self.node,
+            "POST",
+            f"/api/v1/peers/{peer_id}/heartbeat",
+            {"tasks": task_ids},
+            10.0,
         )
 
     async def leave(self, task_id: str, peer_id: str) -> None:
-        await self._call(self.node, "DELETE", f"/api/v1/tasks/{task_id}/peers/{peer_id}", None, 5.0)
+        await self._call(
+            self.node, "DELETE", f"/api/v1/tasks/{task_id}/peers/{peer_id}", None, 5.0
+        )
 
     async def _call(
         self, node: Node, method: str, path: str, body: Any, timeout: float
@@ -168,7 +175,7 @@ class SupernodeClient:
                 method,
                 url,
                 data=data,
-                headers={"Content-Type": ["application/json"]},
+                headers=Headers({"Content-Type": ["application/json"]}),
                 timeout=timeout,
             )
             raw = await _read_bounded(response)
@@ -181,7 +188,9 @@ class SupernodeClient:
         except ValueError:
             reply = {"message": raw[:200].decode("utf-8", "replace")}
         if response.code >= 500 and response.code not in (502, 504):
-            raise SupernodeUnavailable(f"HTTP {response.code}: {reply.get('message', '')}")
+            raise SupernodeUnavailable(
+                f"HTTP {response.code}: {reply.get('message', '')}"
+            )
         if response.code >= 400:
             raise SupernodeRefused(response.code, reply)
         if not isinstance(reply, dict):

@@ -37,26 +37,73 @@ class Options(usage.Options):
         "other peers and downloads through the swarm for local programs."
     )
     optParameters = [
-        ["registry", None, "https://index.docker.io", "Upstream registry the "
-         "mirror serves (the registry-mirror face)."],
-        ["node", "n", "127.0.0.1:8002", "Supernodes, host:port, comma-separated, "
-         "in fail-over order."],
-        ["ip", None, "127.0.0.1", "Address to bind and advertise for pieces.",
-         converted(ip_address, "ip")],
-        ["peer-port", None, 65002, "Port serving pieces to other peers.",
-         converted(port_number, "peer-port")],
-        ["port", "p", 65001, "HTTP port of the local API and mirror.",
-         converted(port_number, "port")],
-        ["listen-ip", None, "127.0.0.1", "Address of the HTTP port.",
-         converted(ip_address, "listen-ip")],
-        ["home", None, str(Path("~/.small-dragonfly").expanduser()),
-         "Work directory: logs/dfclient.log and data/."],
-        ["totallimit", None, 0, "Download rate limit for the host (0: none).",
-         size_option("totallimit")],
-        ["uploadlimit", None, 0, "Upload rate limit to other peers (0: none).",
-         size_option("uploadlimit")],
-        ["expire", None, 1800.0, "Delete a held file unused this long.",
-         duration_option("expire")],
+        [
+            "registry",
+            None,
+            "https://index.docker.io",
+            "Upstream registry the mirror serves (the registry-mirror face).",
+        ],
+        [
+            "node",
+            "n",
+            "127.0.0.1:8002",
+            "Supernodes, host:port, comma-separated, in fail-over order.",
+        ],
+        [
+            "ip",
+            None,
+            "127.0.0.1",
+            "Address to bind and advertise for pieces.",
+            converted(ip_address, "ip"),
+        ],
+        [
+            "peer-port",
+            None,
+            65002,
+            "Port serving pieces to other peers.",
+            converted(port_number, "peer-port"),
+        ],
+        [
+            "port",
+            "p",
+            65001,
+            "HTTP port of the local API and mirror.",
+            converted(port_number, "port"),
+        ],
+        [
+            "listen-ip",
+            None,
+            "127.0.0.1",
+            "Address of the HTTP port.",
+            converted(ip_address, "listen-ip"),
+        ],
+        [
+            "home",
+            None,
+            str(Path("~/.small-dragonfly").expanduser()),
+            "Work directory: logs/dfclient.log and data/.",
+        ],
+        [
+            "totallimit",
+            None,
+            0,
+            "Download rate limit for the host (0: none).",
+            size_option("totallimit"),
+        ],
+        [
+            "uploadlimit",
+            None,
+            0,
+            "Upload rate limit to other peers (0: none).",
+            size_option("uploadlimit"),
+        ],
+        [
+            "expire",
+            None,
+            1800.0,
+            "Delete a held file unused this long.",
+            duration_option("expire"),
+        ],
         *TLS_PARAMETERS,
     ]
 
@@ -119,7 +166,9 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
     tls = None
     if options["tls-cert"]:
         try:
-            tls = TLSConfig.load(options["tls-cert"], options["tls-key"], options["tls-ca"])
+            tls = TLSConfig.load(
+                options["tls-cert"], options["tls-key"], options["tls-ca"]
+            )
         except TLSConfigError as e:
             raise usage.UsageError(str(e)) from None
     home = Path(options["home"])

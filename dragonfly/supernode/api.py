@@ -3,6 +3,8 @@ The supernode's JSON control API (see C{docs/architecture.md} for the
 endpoints and their bodies).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.web.resource import Resource
@@ -52,7 +54,9 @@ def _peer(body: dict[str, Any]) -> PeerInfo:
     if not peer_id or len(peer_id) > 255:
         raise ApiError(400, "bad_request", "peer_id must be 1 to 255 characters")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ApiError(400, "bad_request", f"peer address must be ip:port, not {address!r}")
+        raise ApiError(
+            400, "bad_request", f"peer address must be ip:port, not {address!r}"
+        )
     return PeerInfo(peer_id, address, field(peer, "hostname", str, ""))
 
 
@@ -84,7 +88,9 @@ class SupernodeApi(JsonApi):
         body = read_json(request)
         finished = field(body, "finished", list, [])
         if not all(isinstance(p, int) and not isinstance(p, bool) for p in finished):
-            raise ApiError(400, "bad_request", "finished must be a list of piece numbers")
+            raise ApiError(
+                400, "bad_request", "finished must be a list of piece numbers"
+            )
         failed = []
         for item in field(body, "failed", list, []):
             if not isinstance(item, dict):
@@ -126,26 +132,21 @@ class SupernodeApi(JsonApi):
             return await self.supernode.task_info(params[0])
 
 
-class _errors:
+@contextmanager
+def _errors() -> Iterator[None]:
     """
     Map the core's exceptions to API errors.
     """
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
-        if isinstance(error, InvalidRequest):
-            raise ApiError(400, "bad_request", str(error)) from error
-        if isinstance(error, UnknownTask):
-            raise ApiError(404, "unknown", str(error)) from error
-        if isinstance(error, SourceError):
-            raise ApiError(
-                502 if error.status != 504 else 504,
-                "source",
-                str(error),
-                source_status=error.status,
-            ) from error
+    try:
+        yield
+    except InvalidRequest as e:
+        raise ApiError(400, "bad_request", str(e)) from e
+    except UnknownTask as e:
+        raise ApiError(404, "unknown", str(e)) from e
+    except SourceError as e:
+        raise ApiError(
+            504 if e.status == 504 else 502, "source", str(e), source_status=e.status
+        ) from e
 
 
 def root(supernode: Supernode) -> Resource:

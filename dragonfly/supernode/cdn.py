@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -165,7 +165,9 @@ class CdnFetch:
         self._stall_timeout = stall_timeout
         self._header_waiters: list[Deferred[None]] = []
         self._headers_settled = False
-        self._meta = CacheMeta(task.task_id, task.url, task.piece_size, None, digest=task.digest)
+        self._meta = CacheMeta(
+            task.task_id, task.url, task.piece_size, None, digest=task.digest
+        )
         self._file: TaskFile | None = None
         self._file_hash = hashlib.sha256()
         self._next_piece = 0
@@ -234,9 +236,13 @@ class CdnFetch:
         task = self.task
         path = meta_path(self._store, task.task_id)
         cached = await self._store.in_thread(_read_meta, path)
-        if cached is not None and cached.url == task.url and cached.digest == task.digest:
-            if await self._reuse(cached):
-                return
+        reusable = (
+            cached is not None
+            and cached.url == task.url
+            and cached.digest == task.digest
+        )
+        if reusable and cached is not None and await self._reuse(cached):
+            return
         offset = self._next_piece * task.piece_size
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
@@ -274,7 +280,9 @@ class CdnFetch:
         data_path = self._store.path_for(task.task_id)
         if not data_path.exists():
             return False
-        content_addressed = bool(task.digest) and cached.file_sha256 == task.digest.removeprefix("sha256:")
+        content_addressed = bool(
+            task.digest
+        ) and cached.file_sha256 == task.digest.removeprefix("sha256:")
         if cached.complete and not content_addressed:
             if not (cached.etag or cached.last_modified):
                 return False
@@ -327,7 +335,9 @@ class CdnFetch:
         if self._file is not None:
             self._file.held.clear()
 
-    async def _request(self, offset: int, revalidate: CacheMeta | None = None) -> IResponse:
+    async def _request(
+        self, offset: int, revalidate: CacheMeta | None = None
+    ) -> IResponse:
         headers = Headers({k: v for k, v in self._headers.items()})
         headers.removeHeader("Range")
         if revalidate is not None:
@@ -373,7 +383,7 @@ class CdnFetch:
             self._file_hash = hashlib.sha256()
         self._meta.etag = _header(response.headers, "ETag")
         self._meta.last_modified = _header(response.headers, "Last-Modified")
-        length = None if response.length is UNKNOWN_LENGTH else int(response.length)  # type: ignore[call-overload]
+        length = None if response.length is UNKNOWN_LENGTH else int(response.length)
         self._set_length(length)
         self._start_watchdog()
         return 0
@@ -433,7 +443,9 @@ class CdnFetch:
         known = self.task.pieces.get(piece)
 
         def write(_: object) -> Deferred[str]:
-            return self._store.in_thread(_hash_and_write, task_file, piece, data, file_hash)
+            return self._store.in_thread(
+                _hash_and_write, task_file, piece, data, file_hash
+            )
 
         def written(sha256: str) -> None:
             self._pending -= 1

@@ -8,18 +8,18 @@ the time the peer allows, for the swarm to change, instead of having peers
 poll in a loop.
 """
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 
 from dragonfly.store import PieceStore
 from dragonfly.supernode import scheduler
-from dragonfly.supernode.cdn import CdnFetch, SourceError, meta_path
+from dragonfly.supernode.cdn import CdnFetch, SourceError
 from dragonfly.supernode.state import (
     SUPERNODE,
     PeerInfo,
@@ -233,9 +233,16 @@ class Supernode:
         limits = self.settings.limits
         scheduler.record_finished(swarm, peer_id, finished)
         for failure in failed:
-            source = SUPERNODE if failure.source.startswith("cdnnode:") else failure.source
+            source = (
+                SUPERNODE if failure.source.startswith("cdnnode:") else failure.source
+            )
             scheduler.record_failed(
-                swarm, peer_id, failure.piece, source, failure.reason == "digest", limits
+                swarm,
+                peer_id,
+                failure.piece,
+                source,
+                failure.reason == "digest",
+                limits,
             )
             if source != SUPERNODE:
                 self._log.warn(
@@ -403,7 +410,9 @@ class Supernode:
         }
 
     async def list_tasks(self) -> list[dict[str, Any]]:
-        return [await self.task_info(task_id) for task_id in await self.state.task_ids()]
+        return [
+            await self.task_info(task_id) for task_id in await self.state.task_ids()
+        ]
 
     # Housekeeping ---------------------------------------------------------
 
@@ -482,5 +491,3 @@ def _evict(directory: Path, limit: int, active: set[str]) -> list[str]:
         total -= size
         evicted.append(data.name)
     return evicted
-
-

@@ -12,13 +12,13 @@ reason.
 """
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 SUPERNODE = "supernode"
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     FETCHING = "fetching"
     DONE = "done"
     FAILED = "failed"

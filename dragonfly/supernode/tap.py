@@ -10,10 +10,9 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
-from treq.client import HTTPClient
 
+from dragonfly.http import http_client
 from dragonfly.options import (
     TLS_PARAMETERS,
     check_tls_options,
@@ -40,29 +39,83 @@ class Options(usage.Options):
     )
     optParameters = [
         ["port", "p", 8002, "Control API port.", converted(port_number, "port")],
-        ["download-port", None, 8001, "Piece protocol port.",
-         converted(port_number, "download-port")],
-        ["listen-ip", None, "", "Address to listen on (default: all).",
-         converted(ip_address, "listen-ip")],
-        ["advertise-ip", None, "", "Address peers reach this supernode at "
-         "(default: --listen-ip, else this host's name's address).",
-         converted(ip_address, "advertise-ip")],
-        ["home", None, str(Path("~/.small-dragonfly/supernode").expanduser()),
-         "Cache and state directory."],
-        ["piece-size", None, None, "Fixed piece size (default: 4 MiB, larger "
-         "for files over 200 MiB).", size_option("piece-size")],
-        ["peer-up-limit", None, 5, "Concurrent uploads scheduled per peer.",
-         converted(int, "peer-up-limit")],
-        ["supernode-up-limit", None, 32, "Concurrent uploads per task from "
-         "the supernode.", converted(int, "supernode-up-limit")],
-        ["task-expire", None, 1800.0, "Forget a task idle this long (cache "
-         "kept on disk).", duration_option("task-expire")],
-        ["peer-expire", None, 60.0, "Drop a peer silent this long.",
-         duration_option("peer-expire")],
-        ["cache-limit", None, 0, "Evict least recently used cached files "
-         "beyond this size (0: no limit).", size_option("cache-limit")],
-        ["source-timeout", None, 30.0, "How long the source may take to answer.",
-         duration_option("source-timeout")],
+        [
+            "download-port",
+            None,
+            8001,
+            "Piece protocol port.",
+            converted(port_number, "download-port"),
+        ],
+        [
+            "listen-ip",
+            None,
+            "",
+            "Address to listen on (default: all).",
+            converted(ip_address, "listen-ip"),
+        ],
+        [
+            "advertise-ip",
+            None,
+            "",
+            "Address peers reach this supernode at "
+            "(default: --listen-ip, else this host's name's address).",
+            converted(ip_address, "advertise-ip"),
+        ],
+        [
+            "home",
+            None,
+            str(Path("~/.small-dragonfly/supernode").expanduser()),
+            "Cache and state directory.",
+        ],
+        [
+            "piece-size",
+            None,
+            None,
+            "Fixed piece size (default: 4 MiB, larger for files over 200 MiB).",
+            size_option("piece-size"),
+        ],
+        [
+            "peer-up-limit",
+            None,
+            5,
+            "Concurrent uploads scheduled per peer.",
+            converted(int, "peer-up-limit"),
+        ],
+        [
+            "supernode-up-limit",
+            None,
+            32,
+            "Concurrent uploads per task from the supernode.",
+            converted(int, "supernode-up-limit"),
+        ],
+        [
+            "task-expire",
+            None,
+            1800.0,
+            "Forget a task idle this long (cache kept on disk).",
+            duration_option("task-expire"),
+        ],
+        [
+            "peer-expire",
+            None,
+            60.0,
+            "Drop a peer silent this long.",
+            duration_option("peer-expire"),
+        ],
+        [
+            "cache-limit",
+            None,
+            0,
+            "Evict least recently used cached files beyond this size (0: no limit).",
+            size_option("cache-limit"),
+        ],
+        [
+            "source-timeout",
+            None,
+            30.0,
+            "How long the source may take to answer.",
+            duration_option("source-timeout"),
+        ],
         *TLS_PARAMETERS,
     ]
 
@@ -94,7 +147,9 @@ class _Stopper(Service):
 def _listen(reactor: Any, port: int, ip: str, tls: TLSConfig | None) -> Any:
     if tls is None:
         return endpoints.TCP4ServerEndpoint(reactor, port, interface=ip)
-    return endpoints.SSL4ServerEndpoint(reactor, port, tls.server_options(), interface=ip)
+    return endpoints.SSL4ServerEndpoint(
+        reactor, port, tls.server_options(), interface=ip
+    )
 
 
 def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode]:
@@ -104,11 +159,16 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
     tls = None
     if options["tls-cert"]:
         try:
-            tls = TLSConfig.load(options["tls-cert"], options["tls-key"], options["tls-ca"])
+            tls = TLSConfig.load(
+                options["tls-cert"], options["tls-key"], options["tls-ca"]
+            )
         except TLSConfigError as e:
             raise usage.UsageError(str(e)) from None
         if not tls.mutual:
-            Logger().warn("TLS without --tls-ca: traffic is encrypted, peers are not authenticated")
+            Logger().warn(
+                "TLS without --tls-ca: traffic is encrypted, "
+                "peers are not authenticated"
+            )
     settings = Settings(
         advertise_ip=options["advertise-ip"],
         download_port=options["download-port"],
@@ -122,9 +182,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
         cache_limit=options["cache-limit"],
         header_timeout=options["source-timeout"],
     )
-    http = HTTPClient(
-        Agent(reactor, connectTimeout=10, pool=HTTPConnectionPool(reactor))
-    )
+    http = http_client(reactor)
     supernode = Supernode(
         reactor, Path(options["home"]), InMemorySwarmState(), http, settings
     )
