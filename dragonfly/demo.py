@@ -220,7 +220,7 @@ def run(work: Path, size: int) -> int:
         f"{'from supernode':>15} {'sha256':>8}"
     )
     ok = True
-    for ip, home, code, seconds in results:
+    for ip, home, code, process_seconds in results:
         output = work / f"out-{ip}.iso"
         verified = output.exists() and _sha256(output) == expected
         ok = ok and code == 0 and verified
@@ -228,7 +228,7 @@ def run(work: Path, size: int) -> int:
         # dfget's own figure: the download, without the time it then spends
         # serving the others.
         cost = re.search(rb"cost:([0-9.]+)s", (work / f"dfget-{ip}.out").read_bytes())
-        seconds = float(cost.group(1)) if cost else seconds
+        seconds = float(cost.group(1)) if cost else process_seconds
         print(
             f"{ip:<12} {code:>4} {seconds:>8.2f} {format_size(tiers['peers']):>12} "
             f"{format_size(tiers['supernode']):>15} {'ok' if verified else 'BAD':>8}"

@@ -56,6 +56,13 @@ from dragonfly.tasks import piece_size_for, task_id_for
 
 SCHEDULE_WAIT = 5.0
 REGISTER_TIMEOUT = 60.0
+# Give up on the swarm (and go back to source) when nothing moves for this
+# long: neither a piece here nor a new piece in the supernode's cache.
+NO_PROGRESS_TIMEOUT = 120.0
+# ... or when this many piece fetches in a row fail.
+MAX_FAILURES_IN_A_ROW = 16
+# Pieces reported per scheduling call (the supernode takes up to 4096).
+MAX_REPORT = 1024
 
 
 class DownloadError(Exception):
@@ -109,8 +116,9 @@ class _Report:
         return bool(self.finished or self.failed)
 
     def take(self) -> "_Report":
-        taken = _Report(self.finished, self.failed)
-        self.finished, self.failed = [], []
+        taken = _Report(self.finished[:MAX_REPORT], self.failed[:MAX_REPORT])
+        del self.finished[:MAX_REPORT]
+        del self.failed[:MAX_REPORT]
         return taken
 
     def give_back(self, other: "_Report") -> None:
@@ -266,6 +274,9 @@ class _Download:
         self.supernode_address = ""
         self.in_flight: dict[int, Deferred[None]] = {}
         self.report = _Report()
+        self.last_progress = self.started
+        self.cached_pieces = 0
+        self.failures_in_a_row = 0
         self.poll: Deferred[Any] | None = None
         self.report_call: Deferred[Any] | None = None
         self.bytes_by_tier = {"peers": 0, "supernode": 0, "source": 0}
@@ -486,6 +497,18 @@ class _Download:
         if reply.get("piece_count") is not None:
             self.piece_count = int(reply["piece_count"])
             self.file_sha256 = reply.get("file_sha256") or ""
+        now = self.reactor.seconds()
+        cached = int(reply.get("cached") or 0)
+        if cached > self.cached_pieces:
+            self.cached_pieces = cached
+            self.last_progress = now
+        if now - self.last_progress > NO_PROGRESS_TIMEOUT:
+            self.outcome.errback(
+                _SwarmFailed(
+                    f"no progress in the swarm for {NO_PROGRESS_TIMEOUT:g}s", 0
+                )
+            )
+            return
         for assignment in reply.get("pieces", []):
             piece = int(assignment["piece"])
             if piece in self.in_flight:
@@ -532,6 +555,8 @@ class _Download:
         else:
             task_file.held.add(piece)
             self.report.finished.append(piece)
+            self.last_progress = self.reactor.seconds()
+            self.failures_in_a_row = 0
             self.bytes_by_tier[tier] += length
             self.pieces_by_tier[tier] += 1
             if self.request.progress is not None:
@@ -563,6 +588,13 @@ class _Download:
             reason=reason,
             detail=detail,
         )
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW and not self.outcome.called:
+            self.outcome.errback(
+                _SwarmFailed(
+                    f"{self.failures_in_a_row} piece fetches failed in a row", 0
+                )
+            )
         self.report.failed.append(
             {"piece": piece, "peer_id": source_id, "reason": reason}
         )

@@ -8,7 +8,9 @@ the time the peer allows, for the swarm to change, instead of having peers
 poll in a loop.
 """
 
+import os
 import random
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,6 +328,7 @@ class Supernode:
             "file_sha256": task.file_sha256 if task.status is TaskStatus.DONE else "",
             "pieces": pieces,
             "downloading": swarm.downloading,
+            "cached": len(task.pieces),
         }
 
     async def _swarm_of(self, task_id: str, peer_id: str) -> Swarm:
@@ -449,15 +452,20 @@ class Supernode:
                 task_file = self.store.tasks.pop(task_id, None)
                 if task_file is not None:
                     task_file.close()
+                    # The data file's mtime records the last use, for the
+                    # least-recently-used eviction below.
+                    await self.store.in_thread(_touch, task_file.path)
             else:
                 await self.state.put(swarm)
             if silent:
                 self._changed(task_id)
         if self.settings.cache_limit:
             active = set(await self.state.task_ids())
-            await self.store.in_thread(
+            evicted = await self.store.in_thread(
                 _evict, self.store.directory, self.settings.cache_limit, active
             )
+            for task_id in evicted:
+                self._log.info("evicted {task_id} from the cache", task_id=task_id)
 
     def stop(self) -> None:
         for fetch in list(self._fetches.values()):
@@ -479,7 +487,7 @@ def _evict(directory: Path, limit: int, active: set[str]) -> list[str]:
             continue
         stat = data.stat()
         total += stat.st_size
-        entries.append((stat.st_atime, stat.st_size, data))
+        entries.append((stat.st_mtime, stat.st_size, data))
     evicted = []
     for _, size, data in sorted(entries):
         if total <= limit:
@@ -491,3 +499,8 @@ def _evict(directory: Path, limit: int, active: set[str]) -> list[str]:
         total -= size
         evicted.append(data.name)
     return evicted
+
+
+def _touch(path: Path) -> None:
+    with suppress(FileNotFoundError):
+        os.utime(path)
