@@ -177,7 +177,12 @@ class PieceStore:
                 wire.ErrorCode.PIECE_NOT_HELD, f"piece {piece} not held"
             )
         task_file.last_used = self._reactor.seconds()
-        offset, size = task_file.bounds(piece)
+        if task_file.length is None:
+            # Still streaming a body of unknown length: every piece cut so
+            # far is whole (the last one is cut once the length is known).
+            offset, size = piece * task_file.piece_size, task_file.piece_size
+        else:
+            offset, size = task_file.bounds(piece)
         return _HeldPiece(task_file, offset, size)
 
     def remove(self, task_id: str) -> None:

@@ -181,6 +181,7 @@ class CdnFetch:
         self._watchdog: IDelayedCall | None = None
         self._running: Deferred[None] | None = None
         self.bytes_from_source = 0
+        self._stopped = False
 
     def headers_known(self) -> "Deferred[None]":
         """
@@ -222,7 +223,7 @@ class CdnFetch:
                 url=task.url,
                 error=message,
             )
-            if self._file is not None:
+            if self._file is not None and not self._stopped:
                 self._store.remove(task.task_id)
                 await self._store.in_thread(
                     meta_path(self._store, task.task_id).unlink, True
@@ -238,8 +239,9 @@ class CdnFetch:
         cached = await self._store.in_thread(_read_meta, path)
         reusable = (
             cached is not None
-            and cached.url == task.url
             and cached.digest == task.digest
+            # A digest names the content, whatever URL fetched it.
+            and (cached.url == task.url or bool(task.digest))
         )
         if reusable and cached is not None and await self._reuse(cached):
             return
@@ -253,6 +255,8 @@ class CdnFetch:
             except SourceError:
                 raise
             except Exception as e:
+                if self._stopped:
+                    raise
                 if attempt == MAX_ATTEMPTS:
                     raise SourceError(f"source connection failed: {e}") from e
                 await self._chain
@@ -479,25 +483,22 @@ class CdnFetch:
 
     async def _finish(self) -> None:
         task = self.task
+        assert self._file is not None
+        if task.length is None:
+            # The body ended: settle the length before the last piece is
+            # announced, so that it is handed out with its real size.
+            task.length = self._next_piece * task.piece_size + self._filled
+            self._file.length = task.length
         if self._filled:
             self._emit_piece()
         await self._chain
-        assert self._file is not None
-        received = (
-            sum(self._file.bounds(p)[1] for p in task.pieces)
-            if task.length is not None
-            else None
-        )
-        if task.length is None:
-            last = max(task.pieces, default=-1)
-            task.length = (
-                0 if last < 0 else last * task.piece_size + self._last_piece_size()
-            )
-            self._file.length = task.length
-        elif received != task.length:
+        received = sum(self._file.bounds(p)[1] for p in task.pieces)
+        if received != task.length:
             raise SourceError(
                 f"source sent {received} of {task.length} bytes announced"
             )
+        # New content replacing a longer cached file must not keep its tail.
+        await self._store.in_thread(self._file.truncate, task.length)
         file_sha256 = self._file_hash.hexdigest()
         if task.digest and file_sha256 != task.digest.removeprefix("sha256:"):
             raise SourceError(
@@ -517,11 +518,6 @@ class CdnFetch:
             pieces=len(task.pieces),
             source_bytes=self.bytes_from_source,
         )
-
-    def _last_piece_size(self) -> int:
-        assert self._file is not None
-        size = os.fstat(self._file.fd).st_size
-        return size - max(self.task.pieces) * self.task.piece_size
 
     def _save_meta(self) -> "Deferred[None]":
         path = meta_path(self._store, self.task.task_id)
@@ -550,8 +546,10 @@ class CdnFetch:
 
     def stop(self) -> None:
         """
-        Abandon the fetch (at shutdown).
+        Abandon the fetch (at shutdown), keeping what is cached for the
+        next run to resume.
         """
+        self._stopped = True
         if self._transport is not None:
             self._transport.stopProducing()
         if self._running is not None:
