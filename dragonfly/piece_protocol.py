@@ -174,6 +174,10 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
         self._decoder = wire.Decoder()
         self._greeted = False
         self._queue: list[wire.GetPiece] = []
+        # Queued requests to answer with an ERROR when their turn comes: every
+        # response, refusals included, goes out in request order, never
+        # inside a piece's payload.
+        self._refusals: dict[int, tuple[wire.ErrorCode, str]] = {}
         self._sender: _PieceSender | None = None
         self._closing = False
 
@@ -195,6 +199,8 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
         try:
             events = self._decoder.feed(data)
             for event in events:
+                if self._closing:
+                    break
                 self._handle(event)
         except wire.ProtocolViolation as e:
             self._violation(str(e))
@@ -209,7 +215,8 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
             case wire.GetPiece():
                 self._enqueue(event)
             case wire.Cancel(request_id):
-                self._queue = [r for r in self._queue if r.request_id != request_id]
+                if any(r.request_id == request_id for r in self._queue):
+                    self._refusals[request_id] = (wire.ErrorCode.CANCELLED, "cancelled")
             case _:
                 raise wire.ProtocolViolation(f"unexpected {type(event).__name__}")
 
@@ -232,9 +239,13 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.factory.idle_timeout)
 
     def _enqueue(self, request: wire.GetPiece) -> None:
+        if len(self._queue) >= 2 * self.factory.max_queue:
+            raise wire.ProtocolViolation("too many pipelined requests")
         if len(self._queue) >= self.factory.max_queue:
-            self._refuse(request.request_id, wire.ErrorCode.BUSY, "request queue full")
-            return
+            self._refusals[request.request_id] = (
+                wire.ErrorCode.BUSY,
+                "request queue full",
+            )
         self._queue.append(request)
         self._serve_next()
 
@@ -245,6 +256,10 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
     def _serve_next(self) -> None:
         while self._sender is None and self._queue and not self._closing:
             request = self._queue.pop(0)
+            refusal = self._refusals.pop(request.request_id, None)
+            if refusal is not None:
+                self._refuse(request.request_id, *refusal)
+                continue
             if self.factory.active_uploads >= self.factory.max_uploads:
                 self._refuse(request.request_id, wire.ErrorCode.BUSY, "upload limit")
                 continue
@@ -276,7 +291,8 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
             peer=self.transport.getPeer(),  # type: ignore[union-attr]
             reason=reason,
         )
-        self._send(wire.Error(0, wire.ErrorCode.BAD_REQUEST, reason[:200]))
+        if self._sender is None:  # never inside a piece's payload
+            self._send(wire.Error(0, wire.ErrorCode.BAD_REQUEST, reason[:200]))
         self._close()
 
     def _close(self) -> None:
@@ -314,6 +330,7 @@ class _PieceSender:
         self._reader = reader
         self._offset = 0
         self._waiting: IDelayedCall | None = None
+        self._paused_timeout: float | None = None
         self._done = False
 
     def resumeProducing(self) -> None:
@@ -322,6 +339,8 @@ class _PieceSender:
         size = min(CHUNK_SIZE, self._reader.length - self._offset)
         delay = delay_for(self._protocol.factory.upload_buckets, size)
         if delay > 0:
+            # Waiting for our own upload limit is not the client being idle.
+            self._paused_timeout = self._protocol.setTimeout(None)
             self._waiting = self._protocol.factory.clock.callLater(
                 delay, self._write_after_wait
             )
@@ -330,6 +349,7 @@ class _PieceSender:
 
     def _write_after_wait(self) -> None:
         self._waiting = None
+        self._protocol.setTimeout(self._paused_timeout)
         if not self._done:
             self._write_chunk(min(CHUNK_SIZE, self._reader.length - self._offset))
 

@@ -55,7 +55,7 @@ def check_digest(digest: str) -> str:
 
     @raise InvalidRequest: otherwise.
     """
-    if not _DIGEST.match(digest):
+    if not _DIGEST.fullmatch(digest):
         raise InvalidRequest(f"digest must be sha256:<64 hex digits>, got {digest!r}")
     return digest
 
@@ -66,7 +66,7 @@ def check_task_id(task_id: str) -> str:
 
     @raise InvalidRequest: otherwise.
     """
-    if not _TASK_ID.match(task_id):
+    if not _TASK_ID.fullmatch(task_id):
         raise InvalidRequest(f"not a task id: {task_id!r}")
     return task_id
 

@@ -61,6 +61,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 5
     INTERNAL = 6
     SHUTTING_DOWN = 7
+    CANCELLED = 8
 
 
 class ProtocolViolation(Exception):
@@ -142,6 +143,13 @@ def encode(message: Message) -> bytes:
 
     @raise ValueError: if a field does not fit its wire representation.
     """
+    try:
+        return _encode(message)
+    except struct.error as e:
+        raise ValueError(f"{message!r} does not fit the wire format: {e}") from e
+
+
+def _encode(message: Message) -> bytes:
     match message:
         case Hello(version, peer_id, address):
             pid = _short_text(peer_id, MAX_ID_LENGTH, "peer id")
