@@ -19,6 +19,8 @@ from typing import IO, Any
 
 from twisted.logger import FileLogObserver, LogLevel, formatEvent
 
+PIECE_NAMESPACE = "dragonfly.pieces"
+
 _LEVELS = {
     LogLevel.debug: "DEBU",
     LogLevel.info: "INFO",
@@ -42,7 +44,7 @@ def _formatter(sign: str) -> Any:
         millis = int((stamp % 1) * 1000)
         level = _LEVELS.get(event.get("log_level", LogLevel.info), "INFO")
         message = formatEvent(event)
-        if "piece" in event:
+        if event.get("log_namespace") == PIECE_NAMESPACE:
             message = "downloading piece:" + json.dumps(
                 event["piece"], separators=(",", ":")
             )

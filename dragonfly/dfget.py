@@ -23,8 +23,15 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater, react
-from twisted.logger import Logger, globalLogBeginner
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+)
 
 from dragonfly import __version__
 from dragonfly.clientlog import make_sign, open_client_log
@@ -196,8 +203,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def default_output(url: str) -> Path:
+    """
+    The output path named after the URL's last path segment, in the current
+    directory.
+
+    @raise InvalidRequest: when that segment cannot safely name a file (it
+        is empty, a dot name, or decodes to something with a slash or NUL:
+        C{..%2F..%2Fetc%2Fx} must not write outside the directory).
+    """
     name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
-    if not name or name in (".", ".."):
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise InvalidRequest(f"cannot name the output after {url!r}: give --output")
     return Path.cwd() / name
 
@@ -216,6 +231,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--output {args.output} is a directory")
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        p.error("--tls-ca needs --tls-cert and --tls-key")
     args.tls = None
     if args.tls_cert:
         try:
@@ -266,24 +283,49 @@ class _Progress:
 
 
 async def download(reactor: Any, args: argparse.Namespace) -> int:
-    sign = make_sign()
-    observer, stream = open_client_log(args.home, sign)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    node = PeerNode(
-        reactor,
-        PeerConfig(
-            home=args.home,
-            ip=args.ip,
-            port=args.port,
-            nodes=args.nodes,
-            tls=args.tls,
-            total_limit=args.totallimit,
-            upload_limit=args.uploadlimit,
-        ),
-        piece_log=observer,
-    )
-    progress = _Progress(args.showbar, args.output.name)
+    """
+    Run one download; return the exit code.
+    """
     started = reactor.seconds()
+    try:
+        observer, stream = open_client_log(args.home, make_sign())
+    except OSError as e:
+        return _failed(reactor, started, 7, f"cannot write logs in --home: {e}")
+    level = LogLevel.debug if args.verbose else LogLevel.info
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                observer, [LogLevelFilterPredicate(defaultLogLevel=level)]
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    try:
+        return await _download(reactor, args, observer, started)
+    finally:
+        stream.close()
+
+
+async def _download(
+    reactor: Any, args: argparse.Namespace, observer: Any, started: float
+) -> int:
+    try:
+        node = PeerNode(
+            reactor,
+            PeerConfig(
+                home=args.home,
+                ip=args.ip,
+                port=args.port,
+                nodes=args.nodes,
+                tls=args.tls,
+                total_limit=args.totallimit,
+                upload_limit=args.uploadlimit,
+            ),
+            piece_log=observer,
+        )
+    except OSError as e:
+        return _failed(reactor, started, 7, f"cannot use --home {args.home}: {e}")
+    progress = _Progress(args.showbar, args.output.name)
     headers: dict[str, list[str]] = {}
     for name, value in args.header:
         headers.setdefault(name, []).append(value)
@@ -299,7 +341,10 @@ async def download(reactor: Any, args: argparse.Namespace) -> int:
         progress=progress.update,
     )
     try:
-        await node.listen()
+        try:
+            await node.listen()
+        except CannotListenError as e:
+            return _failed(reactor, started, 7, f"cannot serve pieces: {e}")
         result = await node.engine.download(request)
         progress.close()
         await node.store.in_thread(place, result.task_file, args.output)
@@ -313,11 +358,11 @@ async def download(reactor: Any, args: argparse.Namespace) -> int:
         )
     else:
         _succeeded(result, args.output)
-        await _keep_serving(reactor, node, result, args.keep_serving)
+        if not result.back_to_source_reason:
+            await _keep_serving(reactor, node, result, args.keep_serving)
     finally:
         progress.close()
         await node.stop()
-        stream.close()
     return 0
 
 
@@ -363,7 +408,7 @@ async def _keep_serving(
             )
         except (SupernodeUnavailable, SupernodeRefused):
             return
-        if not reply.get("downloading"):
+        if not reply.get("downloading") or reply.get("status") == "failed":
             return
         await deferLater(reactor, min(1.0, max(0.0, deadline - reactor.seconds())))
 

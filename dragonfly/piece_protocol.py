@@ -15,9 +15,9 @@ politely and then aborted.
 Client
 ======
 One connection per serving node, requests pipelined on it.  Each piece is
-received into one buffer of its announced size (checked against the size the
-supernode promised), which the caller verifies and writes; nothing else holds
-a copy.  While requests are outstanding a no-progress watchdog fails them all
+received into one buffer (its announced size is checked against the size the
+supernode promised first), which the caller verifies and writes; nothing else
+holds a copy.  While requests are outstanding a no-progress watchdog fails them all
 if no byte arrives for the stall timeout, so that the caller can ask another
 node.
 """
@@ -195,7 +195,10 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if self._greeted:
+            # Before HELLO the handshake deadline is absolute: trickling
+            # bytes does not extend it.
+            self.resetTimeout()
         try:
             events = self._decoder.feed(data)
             for event in events:
@@ -408,9 +411,11 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         stall_timeout: float = 15.0,
         idle_timeout: float = 30.0,
         on_lost: Callable[["PieceClientProtocol"], None] | None = None,
+        on_data: Callable[[int], None] | None = None,
     ) -> None:
         self.identity = identity
         self._on_lost = on_lost
+        self._on_data = on_data
         self.ready: Deferred[wire.Hello] = Deferred()
         self.remote: wire.Hello | None = None
         self._clock = clock
@@ -487,6 +492,8 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         self.bytes_received += len(data)
+        if self._on_data is not None:
+            self._on_data(len(data))
         try:
             for event in self._decoder.feed(data):
                 self._handle(event)
@@ -510,6 +517,10 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
             case wire.Hello():
                 if self.remote is not None:
                     raise wire.ProtocolViolation("second HELLO")
+                if event.version != wire.PROTOCOL_VERSION:
+                    raise wire.ProtocolViolation(
+                        f"node speaks protocol version {event.version}"
+                    )
                 self.remote = event
                 self.setTimeout(
                     self._idle_timeout if not self._requests else self._stall_timeout
@@ -607,7 +618,8 @@ class PieceClientPool:
         stall_timeout: float = 15.0,
     ) -> None:
         self._reactor = reactor
-        self._identity = identity
+        self.identity = identity
+        self.bytes_received = 0
         self._bind_ip = bind_ip
         self._tls = tls
         self._connect_timeout = connect_timeout
@@ -695,16 +707,20 @@ class PieceClientPool:
                 del self._connected[address]
 
         protocol = PieceClientProtocol(
-            self._identity,
+            self.identity,
             self._reactor,
             stall_timeout=self._stall_timeout,
             on_lost=forget,
+            on_data=self._count,
         )
         connecting = endpoint.connect(_OneConnection(protocol))
         connecting.addTimeout(self._connect_timeout, self._reactor)
         await connecting
         await protocol.ready
         return protocol
+
+    def _count(self, size: int) -> None:
+        self.bytes_received += size
 
     def close(self) -> None:
         """

@@ -51,7 +51,8 @@ class TaskFile:
         self.readers = 0
         self.last_used = 0.0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Mode as for any file a user downloads (the umask applies).
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
     @property
     def fd(self) -> int:
@@ -157,13 +158,23 @@ class PieceStore:
     def path_for(self, task_id: str) -> Path:
         return self.directory / task_id[:2] / task_id
 
-    def open(self, task_id: str, piece_size: int, length: int | None) -> TaskFile:
+    def open(
+        self, task_id: str, piece_size: int, length: int | None, fresh: bool = False
+    ) -> TaskFile:
         """
         The task file for C{task_id}, created if needed.
+
+        @param fresh: when the task is not open yet, replace whatever file an
+            earlier process left at its path instead of reusing it: outputs
+            that were linked to that file must not change, and a shorter new
+            content must not keep its tail.
         """
         task_file = self.tasks.get(task_id)
         if task_file is None:
-            task_file = TaskFile(task_id, self.path_for(task_id), piece_size, length)
+            path = self.path_for(task_id)
+            if fresh:
+                path.unlink(missing_ok=True)
+            task_file = TaskFile(task_id, path, piece_size, length)
             self.tasks[task_id] = task_file
         task_file.last_used = self._reactor.seconds()
         return task_file

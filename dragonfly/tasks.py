@@ -3,10 +3,10 @@ Task identity and piece geometry, shared by the supernode and the peers.
 
 A task is one file as the swarm sees it.  Its id is the sha256 of the
 normalized URL (query parameters named by the filter removed, so signed URLs
-that differ only in their signature share a task) plus the expected digest or
-an identifier when given: the same bytes, however they are addressed, are
-fetched from the source once.  Image layers use their digest alone, so the
-same layer is one task whatever registry or repository names it.
+that differ only in their signature share a task) plus an identifier when
+given.  When the expected digest is given it alone names the task, since it
+names the content: the same layer is one task whatever registry, repository
+or mirror URL it is fetched through.
 
 Pieces carry no wrapper (Dragonfly 1.x added five bytes to each piece, which
 every reader then had to strip): piece C{n} is bytes

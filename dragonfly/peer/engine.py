@@ -29,13 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-)
-from twisted.internet.defer import (
-    TimeoutError as DeferredTimeout,
-)
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -44,13 +40,14 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from dragonfly.clientlog import PIECE_NAMESPACE
 from dragonfly.peer.supernode_client import (
     SupernodeClient,
     SupernodeRefused,
     SupernodeUnavailable,
 )
 from dragonfly.piece_protocol import PieceClientPool, PieceRequestError
-from dragonfly.ratelimit import TokenBucket
+from dragonfly.ratelimit import TokenBucket, delay_for
 from dragonfly.store import PieceDigestMismatch, PieceStore, TaskFile
 from dragonfly.tasks import piece_size_for, task_id_for
 
@@ -154,9 +151,7 @@ class PeerEngine:
         self.peer_id = peer_id
         self._address = address
         self._piece_log = (
-            Logger(namespace="dragonfly.pieces", observer=piece_log)
-            if piece_log
-            else None
+            Logger(namespace=PIECE_NAMESPACE, observer=piece_log) if piece_log else None
         )
         self.concurrency = concurrency
         self.total_bucket = total_bucket
@@ -195,7 +190,11 @@ class PeerEngine:
             return result
 
         d.addBoth(done)
-        return d
+        # The caller gets its own Deferred: awaiting the shared one would
+        # take its result away from the requests that join later.
+        first: Deferred[DownloadResult] = Deferred(lambda _: d.cancel())
+        d.addBoth(_chain_to, first)
+        return first
 
     def log_piece(self, record: dict[str, Any]) -> None:
         if self._piece_log is not None:
@@ -276,6 +275,7 @@ class _Download:
         self.report = _Report()
         self.last_progress = self.started
         self.cached_pieces = 0
+        self.bytes_seen = 0
         self.failures_in_a_row = 0
         self.poll: Deferred[Any] | None = None
         self.report_call: Deferred[Any] | None = None
@@ -309,6 +309,7 @@ class _Download:
         try:
             reason = await self._through_swarm()
             if reason:
+                self._stop_pieces()
                 await self._from_source(reason)
         except CancelledError:
             self._stop_pieces()
@@ -376,6 +377,10 @@ class _Download:
                     sorted(self.task_file.held) if self.task_file else []
                 )
             except _SwarmFailed as e:
+                if e.kind == "digest":
+                    # The supernode found the content differs from --digest:
+                    # the source would give the same bytes again.
+                    raise DownloadError("digest", str(e)) from None
                 if 400 <= e.status < 500:
                     raise DownloadError("source", str(e), e.status) from None
                 return self._no_swarm(str(e))
@@ -388,6 +393,8 @@ class _Download:
 
     def _refusal(self, e: SupernodeRefused) -> DownloadError:
         status = int(e.body.get("source_status") or 0)
+        if e.body.get("error") == "digest":
+            return DownloadError("digest", str(e))
         if e.body.get("error") == "source":
             return DownloadError("source", str(e), status)
         return DownloadError("swarm", f"supernode refused the download: {e}")
@@ -404,7 +411,9 @@ class _Download:
         self.piece_size = piece_size
         self.length = length
         self.piece_count = reply.get("piece_count")
-        self.task_file = self.engine.store.open(self.task_id, piece_size, length)
+        self.task_file = self.engine.store.open(
+            self.task_id, piece_size, length, fresh=True
+        )
         if self.task_file.length is None:
             self.task_file.length = length
 
@@ -487,6 +496,7 @@ class _Download:
                 _SwarmFailed(
                     reply.get("error") or "task failed",
                     int(reply.get("source_status") or 0),
+                    reply.get("error_kind") or "source",
                 )
             )
             return
@@ -499,8 +509,12 @@ class _Download:
             self.file_sha256 = reply.get("file_sha256") or ""
         now = self.reactor.seconds()
         cached = int(reply.get("cached") or 0)
-        if cached > self.cached_pieces:
+        received = self.engine.pieces.bytes_received
+        if cached > self.cached_pieces or received > self.bytes_seen:
+            # Bytes arriving count, not only whole pieces: under a low rate
+            # limit a piece may take minutes.
             self.cached_pieces = cached
+            self.bytes_seen = received
             self.last_progress = now
         if now - self.last_progress > NO_PROGRESS_TIMEOUT:
             self.outcome.errback(
@@ -632,9 +646,11 @@ class _Download:
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
         self.engine.store.remove(self.task_id)
         piece_size = piece_size_for(length)
-        task_file = self.engine.store.open(self.task_id, piece_size, length)
+        task_file = self.engine.store.open(self.task_id, piece_size, length, fresh=True)
         self.task_file = task_file
-        receiver = _SourceReceiver(self.engine.store, task_file, self.reactor)
+        receiver = _SourceReceiver(
+            self.engine.store, task_file, self.reactor, self.buckets
+        )
         response.deliverBody(receiver)
         received = await receiver.done
         if length is not None and received != length:
@@ -648,8 +664,10 @@ class _Download:
 
     async def _verify(self) -> str:
         """
-        The whole file's sha256, checked against the expected digest and the
-        supernode's record.
+        The whole file's sha256, checked against the expected digest.  (Each
+        piece was checked against the supernode's record as it arrived; the
+        file is hashed again only when a digest was asked for, or when no
+        supernode gave the whole file's sha256.)
         """
         assert self.task_file is not None and self.length is not None
         expected = self.request.digest.removeprefix("sha256:")
@@ -667,71 +685,130 @@ class _Download:
 
 
 class _SwarmFailed(Exception):
-    def __init__(self, message: str, status: int) -> None:
+    """
+    The swarm cannot deliver: C{kind} is C{"digest"} when the supernode found
+    the content does not match the task's digest, C{"source"} for a source
+    failure (C{status} its HTTP status), C{"swarm"} otherwise.
+    """
+
+    def __init__(self, message: str, status: int, kind: str = "swarm") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 class _SourceReceiver(Protocol):
     """
     Streams a source body into a task file: bytes are gathered into blocks
-    of L{BLOCK} and written (and hashed) on the store's thread, with the
-    connection paused while writes are behind.
+    of L{BLOCK} and written (and hashed) on the store's thread.  The
+    connection is paused while writes are behind or the rate limits say so,
+    and dropped when no byte arrives for L{STALL_TIMEOUT}.
     """
 
     BLOCK = 1 << 20
+    STALL_TIMEOUT = 60.0
 
-    def __init__(self, store: PieceStore, task_file: TaskFile, reactor: Any) -> None:
+    def __init__(
+        self,
+        store: PieceStore,
+        task_file: TaskFile,
+        reactor: Any,
+        buckets: list[TokenBucket],
+    ) -> None:
         self._store = store
         self._file = task_file
+        self._reactor = reactor
+        self._buckets = buckets
         self._block = bytearray()
         self._offset = 0
         self._pending = 0
-        self._paused = False
-        self._chain: Deferred[None] = Deferred()
-        self._chain.callback(None)
+        self._write_paused = False
+        self._rate_pause: IDelayedCall | None = None
+        self._chain: Deferred[Any] = succeed(None)
+        self._error: DownloadError | None = None
+        self._watchdog: IDelayedCall | None = None
         self.sha256 = hashlib.sha256()
         self.done: Deferred[int] = Deferred()
 
+    def connectionMade(self) -> None:
+        self._watchdog = self._reactor.callLater(self.STALL_TIMEOUT, self._stalled)
+
+    def _stalled(self) -> None:
+        self._watchdog = None
+        if self._write_paused or self._rate_pause is not None:
+            # Our own pause, not the source's silence.
+            self._watchdog = self._reactor.callLater(self.STALL_TIMEOUT, self._stalled)
+            return
+        self._error = DownloadError(
+            "source", f"no data from the source for {self.STALL_TIMEOUT:g}s"
+        )
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
+        if self._watchdog is not None:
+            self._watchdog.reset(self.STALL_TIMEOUT)
         self._block += data
         if len(self._block) >= self.BLOCK:
             self._flush()
+        delay = delay_for(self._buckets, len(data))
+        if delay > 0 and self._rate_pause is None:
+            if not self._write_paused:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+            self._rate_pause = self._reactor.callLater(delay, self._rate_resume)
+
+    def _rate_resume(self) -> None:
+        self._rate_pause = None
+        if not self._write_paused:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _flush(self) -> None:
         block, self._block = self._block, bytearray()
         offset = self._offset
         self._offset += len(block)
         self._pending += 1
-        if self._pending > 2 and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+        if self._pending > 2 and not self._write_paused:
+            self._write_paused = True
+            if self._rate_pause is None:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
 
         def write(_: object) -> Deferred[None]:
+            if self._error is not None:
+                return succeed(None)
             return self._store.in_thread(self._write, offset, block)
 
         def written(_: object) -> None:
             self._pending -= 1
-            if self._paused and self._pending <= 1:
-                self._paused = False
-                self.transport.resumeProducing()  # type: ignore[union-attr]
+            if self._write_paused and self._pending <= 1:
+                self._write_paused = False
+                if self._rate_pause is None:
+                    self.transport.resumeProducing()  # type: ignore[union-attr]
 
-        self._chain.addCallback(write).addCallback(written)
+        def failed(failure: Failure) -> None:
+            self._pending -= 1
+            if self._error is None:
+                self._error = DownloadError(
+                    "io", f"cannot write {self._file.path}: {failure.getErrorMessage()}"
+                )
+                self.transport.stopProducing()  # type: ignore[union-attr]
+
+        self._chain.addCallback(write).addCallbacks(written, failed)
 
     def _write(self, offset: int, block: bytearray) -> None:
         self.sha256.update(block)
         self._file.write_at(offset, block)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._block:
+        for call in (self._watchdog, self._rate_pause):
+            if call is not None and call.active():
+                call.cancel()
+        self._watchdog = self._rate_pause = None
+        if self._block and self._error is None:
             self._flush()
         ok = reason.check(ResponseDone, PotentialDataLoss)
 
-        def finished(result: object) -> None:
-            if isinstance(result, Failure):
-                self.done.errback(
-                    DownloadError("io", f"writing failed: {result.getErrorMessage()}")
-                )
+        def finished(_: object) -> None:
+            if self._error is not None:
+                self.done.errback(self._error)
             elif not ok:
                 self.done.errback(
                     DownloadError(

@@ -111,7 +111,8 @@ class PeerNode:
                 interface=self.config.ip,
             )
         self._port = await endpoint.listen(self.server)
-        self.server.identity = Identity(self.peer_id, self.address)
+        # Now the port is known (it may have been 0): say it in HELLOs.
+        self.server.identity = self.pool.identity = Identity(self.peer_id, self.address)
 
     async def stop(self) -> None:
         """

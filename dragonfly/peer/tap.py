@@ -2,6 +2,7 @@
 C{twistd dfpeer}: the long-lived peer daemon of a host.
 """
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ from dragonfly.options import (
 )
 from dragonfly.peer.api import root
 from dragonfly.peer.node import PeerConfig, PeerNode
-from dragonfly.peer.supernode_client import parse_nodes
+from dragonfly.peer.supernode_client import (
+    SupernodeRefused,
+    SupernodeUnavailable,
+    parse_nodes,
+)
 from dragonfly.tasks import InvalidRequest, check_url
 from dragonfly.tls import TLSConfig, TLSConfigError
 
@@ -157,7 +162,10 @@ class _PeerService(Service):
                 self._log.info("dropping idle {task_id}", task_id=task_file.task_id)
                 self.node.store.remove(task_file.task_id)
                 if engine.registrations.pop(task_file.task_id, None) is not None:
-                    await engine.supernodes.leave(task_file.task_id, engine.peer_id)
+                    # Best effort: a supernode that cannot be told drops us
+                    # when our heartbeats for the task stop.
+                    with suppress(SupernodeUnavailable, SupernodeRefused):
+                        await engine.supernodes.leave(task_file.task_id, engine.peer_id)
         except Exception:
             self._log.failure("housekeeping failed")
 
@@ -171,6 +179,11 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
             )
         except TLSConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if not tls.mutual:
+            Logger().warn(
+                "TLS without --tls-ca: traffic is encrypted, "
+                "peers are not authenticated"
+            )
     home = Path(options["home"])
     observer, _ = open_client_log(home, make_sign())
     node = PeerNode(

@@ -12,7 +12,7 @@ from twisted.web.server import Request
 from twisted.web.static import Data
 
 from dragonfly.jsonapi import ApiError, JsonApi, field, read_json
-from dragonfly.supernode.cdn import SourceError
+from dragonfly.supernode.cdn import ContentMismatch, SourceError
 from dragonfly.supernode.service import (
     FailedPiece,
     Registration,
@@ -51,8 +51,8 @@ def _peer(body: dict[str, Any]) -> PeerInfo:
     peer_id = field(peer, "peer_id", str)
     address = field(peer, "address", str)
     host, _, port = address.rpartition(":")
-    if not peer_id or len(peer_id) > 255:
-        raise ApiError(400, "bad_request", "peer_id must be 1 to 255 characters")
+    if not peer_id or len(peer_id.encode("utf-8")) > 255:
+        raise ApiError(400, "bad_request", "peer_id must be 1 to 255 bytes (UTF-8)")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ApiError(
             400, "bad_request", f"peer address must be ip:port, not {address!r}"
@@ -143,6 +143,8 @@ def _errors() -> Iterator[None]:
         raise ApiError(400, "bad_request", str(e)) from e
     except UnknownTask as e:
         raise ApiError(404, "unknown", str(e)) from e
+    except ContentMismatch as e:
+        raise ApiError(502, "digest", str(e)) from e
     except SourceError as e:
         raise ApiError(
             504 if e.status == 504 else 502, "source", str(e), source_status=e.status

@@ -63,6 +63,12 @@ class SourceError(Exception):
         self.status = status
 
 
+class ContentMismatch(SourceError):
+    """
+    The source's content does not have the task's digest.
+    """
+
+
 @dataclass
 class CacheMeta:
     """
@@ -174,13 +180,15 @@ class CdnFetch:
         self._buffer = bytearray()
         self._filled = 0
         self._pending = 0
-        self._chain: Deferred[None] = succeed(None)
+        self._chain: Deferred[Any] = succeed(None)
         self._body_done: Deferred[None] | None = None
         self._transport: Any = None
         self._paused = False
         self._watchdog: IDelayedCall | None = None
         self._running: Deferred[None] | None = None
         self.bytes_from_source = 0
+        self._write_error: SourceError | None = None
+        self._stall_stopped = False
         self._stopped = False
 
     def headers_known(self) -> "Deferred[None]":
@@ -217,6 +225,7 @@ class CdnFetch:
             task.status = TaskStatus.FAILED
             task.error = message
             task.source_status = status
+            task.error_kind = "digest" if isinstance(e, ContentMismatch) else "source"
             self._log.warn(
                 "source fetch of {task_id} from {url} failed: {error}",
                 task_id=task.task_id,
@@ -257,6 +266,8 @@ class CdnFetch:
             except Exception as e:
                 if self._stopped:
                     raise
+                if self._write_error is not None:
+                    raise self._write_error from e
                 if attempt == MAX_ATTEMPTS:
                     raise SourceError(f"source connection failed: {e}") from e
                 await self._chain
@@ -312,7 +323,11 @@ class CdnFetch:
         while prefix in cached.pieces:
             prefix += 1
         if prefix == 0 or not (cached.etag or cached.last_modified):
+            # Nothing usable: start afresh, learning the length again.
             self._forget_pieces()
+            task.length = None
+            if self._file is not None:
+                self._file.length = None
             return False
         assert self._file is not None
         self._file_hash = await self._store.in_thread(
@@ -412,10 +427,14 @@ class CdnFetch:
         self._settle_headers()
 
     async def _stream(self, response: IResponse) -> None:
-        self._body_done = Deferred()
+        # Keep our own reference: an empty body ends inside deliverBody,
+        # which clears self._body_done before we get to await it.
+        done: Deferred[None] = Deferred()
+        self._body_done = done
         self._paused = False
+        self._stall_stopped = False
         response.deliverBody(_BodyReceiver(self))
-        await self._body_done
+        await done
 
     def _on_data(self, data: bytes) -> None:
         self._watchdog_reset()
@@ -446,13 +465,17 @@ class CdnFetch:
         task_file, file_hash = self._file, self._file_hash
         known = self.task.pieces.get(piece)
 
-        def write(_: object) -> Deferred[str]:
+        def write(_: object) -> Deferred[str | None]:
+            if self._write_error is not None:
+                return succeed(None)
             return self._store.in_thread(
                 _hash_and_write, task_file, piece, data, file_hash
             )
 
-        def written(sha256: str) -> None:
+        def written(sha256: str | None) -> None:
             self._pending -= 1
+            if sha256 is None:
+                return
             if known is not None and known != sha256:
                 raise SourceError("source content changed during the download")
             self.task.pieces[piece] = sha256
@@ -467,14 +490,36 @@ class CdnFetch:
                     lambda f: self._log.failure("saving cache meta", f)
                 )
 
-        self._chain.addCallback(write).addCallback(written)
+        self._chain.addCallback(write).addCallback(written).addErrback(
+            self._write_failed
+        )
+
+    def _write_failed(self, failure: Failure) -> None:
+        """
+        A piece could not be written (disk full, ...) or no longer matches:
+        stop the body; the fetch fails with this error, never retried.
+        """
+        self._pending = 0
+        if self._write_error is None:
+            error = failure.value
+            self._write_error = (
+                error
+                if isinstance(error, SourceError)
+                else SourceError(f"cannot write the cache: {failure.getErrorMessage()}")
+            )
+        if self._transport is not None:
+            self._transport.stopProducing()
 
     def _on_body_end(self, reason: Failure) -> None:
         done, self._body_done = self._body_done, None
         self._stop_watchdog()
         if done is None:
             return
-        if reason.check(ResponseDone) or (
+        if self._stall_stopped:
+            done.errback(
+                _Stalled(f"no data from the source for {self._stall_timeout:g}s")
+            )
+        elif reason.check(ResponseDone) or (
             reason.check(PotentialDataLoss) and self.task.length is None
         ):
             done.callback(None)
@@ -492,6 +537,8 @@ class CdnFetch:
         if self._filled:
             self._emit_piece()
         await self._chain
+        if self._write_error is not None:
+            raise self._write_error
         received = sum(self._file.bounds(p)[1] for p in task.pieces)
         if received != task.length:
             raise SourceError(
@@ -501,7 +548,7 @@ class CdnFetch:
         await self._store.in_thread(self._file.truncate, task.length)
         file_sha256 = self._file_hash.hexdigest()
         if task.digest and file_sha256 != task.digest.removeprefix("sha256:"):
-            raise SourceError(
+            raise ContentMismatch(
                 f"source content has sha256:{file_sha256}, expected {task.digest}"
             )
         task.file_sha256 = file_sha256
@@ -542,6 +589,9 @@ class CdnFetch:
             self._start_watchdog()
             return
         if self._transport is not None:
+            # Dropping a body of unknown length looks like its end: remember
+            # that it was a stall.
+            self._stall_stopped = True
             self._transport.stopProducing()
 
     def stop(self) -> None:
@@ -554,6 +604,12 @@ class CdnFetch:
             self._transport.stopProducing()
         if self._running is not None:
             self._running.cancel()
+
+
+class _Stalled(Exception):
+    """
+    The source stopped sending: retried like a dropped connection.
+    """
 
 
 def _hash_and_write(

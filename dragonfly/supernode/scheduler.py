@@ -138,8 +138,8 @@ def record_failed(
     A peer could not get C{piece} from C{source}.
 
     The requester stops asking that source for this task; a source that
-    served bad data, or that several requesters could not use, is banned
-    from the task for everyone.
+    served bad data, or whose pieces failed C{ban_after_failures} times (for
+    one requester or several), is banned from the task for everyone.
     """
     swarm.leases.pop((peer_id, piece), None)
     swarm.requester_failures[peer_id] = swarm.requester_failures.get(peer_id, 0) + 1

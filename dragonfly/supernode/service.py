@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from dragonfly.store import PieceStore
 from dragonfly.supernode import scheduler
-from dragonfly.supernode.cdn import CdnFetch, SourceError
+from dragonfly.supernode.cdn import CdnFetch, ContentMismatch, SourceError
 from dragonfly.supernode.state import (
     SUPERNODE,
     PeerInfo,
@@ -163,6 +163,8 @@ class Supernode:
             assert swarm is not None
         task = swarm.task
         if task.status is TaskStatus.FAILED:
+            if task.error_kind == "digest":
+                raise ContentMismatch(task.error)
             raise SourceError(task.error, task.source_status)
         registration.peer.last_seen = now
         swarm.peers[registration.peer.peer_id] = registration.peer
@@ -321,6 +323,7 @@ class Supernode:
         return {
             "status": status,
             "error": task.error,
+            "error_kind": task.error_kind,
             "source_status": task.source_status,
             "length": task.length,
             "piece_size": task.piece_size,

@@ -43,6 +43,7 @@ class TaskInfo:
     file_sha256: str = ""
     digest: str = ""
     error: str = ""
+    error_kind: str = ""
     source_status: int = 0
     created: float = 0.0
     last_access: float = 0.0

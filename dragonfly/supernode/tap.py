@@ -28,6 +28,7 @@ from dragonfly.supernode.api import root
 from dragonfly.supernode.scheduler import Limits
 from dragonfly.supernode.service import Settings, Supernode
 from dragonfly.supernode.state import InMemorySwarmState
+from dragonfly.tasks import MAX_PIECE_SIZE
 from dragonfly.tls import TLSConfig, TLSConfigError
 
 
@@ -78,7 +79,7 @@ class Options(usage.Options):
             "peer-up-limit",
             None,
             5,
-            "Concurrent uploads scheduled per peer.",
+            "Concurrent uploads scheduled from one peer, per task.",
             converted(int, "peer-up-limit"),
         ],
         [
@@ -122,11 +123,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         check_tls_options(self)
         if self["piece-size"] is not None and not (
-            64 * 1024 <= self["piece-size"] <= 64 << 20
+            64 * 1024 <= self["piece-size"] <= MAX_PIECE_SIZE
         ):
             raise usage.UsageError("--piece-size must be between 64K and 64M")
         if not self["advertise-ip"]:
             self["advertise-ip"] = self["listen-ip"] or guess_ip()
+        if self["download-port"] == 0:
+            # Peers are told this port: it must be a real one.
+            raise usage.UsageError("--download-port must not be 0")
 
 
 class _Stopper(Service):
