@@ -404,8 +404,13 @@ class _Download:
         self.supernode_address = str(self.engine.supernodes.node)
         piece_size = int(reply["piece_size"])
         length = reply.get("length")
-        if self.task_file is not None and self.task_file.piece_size != piece_size:
-            # Another supernode cut the file differently: start over.
+        held = self.task_file or self.engine.store.tasks.get(self.task_id)
+        if held is not None and (
+            held.piece_size != piece_size
+            or (None not in (held.length, length) and held.length != length)
+        ):
+            # Cut differently (another supernode) or other content under the
+            # same task (the source changed): what is held is no use.
             self.engine.store.remove(self.task_id)
             self.task_file = None
         self.piece_size = piece_size
