@@ -5,6 +5,7 @@ HTTP clients (treq over Twisted's Agent) with the settings the daemons use.
 from typing import Any
 
 from treq.client import HTTPClient
+from treq.content import collect
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 
@@ -12,6 +13,16 @@ from twisted.web.iweb import IPolicyForHTTPS
 class _QuietClientFactory(_HTTP11ClientFactory):
     # Every pooled connection would otherwise log "Starting factory" twice.
     noisy = False
+
+
+def raw_agent(reactor: Any, *, connect_timeout: float = 10.0) -> Agent:
+    """
+    An Agent that leaves responses as they are: no redirects followed, no
+    content decoding (what a proxy needs).
+    """
+    pool = HTTPConnectionPool(reactor)
+    pool._factory = _QuietClientFactory
+    return Agent(reactor, connectTimeout=connect_timeout, pool=pool)
 
 
 def http_client(
@@ -34,3 +45,23 @@ def http_client(
     if tls_policy is not None:
         options["contextFactory"] = tls_policy
     return HTTPClient(Agent(reactor, **options))
+
+
+async def read_bounded(response: Any, limit: int) -> bytes:
+    """
+    A small response body, read whole.
+
+    @raise ValueError: if it is longer than C{limit} bytes.
+    """
+    chunks: list[bytes] = []
+    size = 0
+
+    def keep(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"response body over {limit} bytes")
+        chunks.append(chunk)
+
+    await collect(response, keep)
+    return b"".join(chunks)

@@ -101,8 +101,14 @@ class PeerApi(JsonApi):
         }
 
 
-def root(engine: PeerEngine) -> Resource:
+def root(engine: PeerEngine, mirror: Resource | None = None) -> Resource:
+    """
+    dfpeer's HTTP tree: C{/_ping}, C{/api/v1/...} and the registry mirror
+    at C{/v2/}.
+    """
     top = Resource()
     top.putChild(b"_ping", Data(b"OK", "text/plain"))
     top.putChild(b"api", PeerApi(engine))
+    if mirror is not None:
+        top.putChild(b"v2", mirror)
     return top

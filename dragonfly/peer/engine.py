@@ -157,7 +157,7 @@ class PeerEngine:
         self.total_bucket = total_bucket
         self.source_http = source_http
         self.registrations: dict[str, dict[str, Any]] = {}
-        self.downloading: dict[str, Deferred[DownloadResult]] = {}
+        self.downloading: dict[str, _Running] = {}
 
     @property
     def address(self) -> str:
@@ -165,21 +165,35 @@ class PeerEngine:
 
     def download(self, request: DownloadRequest) -> "Deferred[DownloadResult]":
         """
-        Download a task into the store.  Concurrent requests for one task
-        share its download.  Cancelling the result stops it.
+        Download a task into the store.
+
+        Concurrent requests for one task share its download; each caller
+        gets its own Deferred, and cancelling it withdraws that caller only:
+        the download stops when the last one has withdrawn.
         """
         task_id = task_id_for(
             request.url, request.filters, request.digest, request.identifier
         )
         running = self.downloading.get(task_id)
-        if running is not None:
-            follower: Deferred[DownloadResult] = Deferred()
-            running.addBoth(_chain_to, follower)
-            return follower
-        d = Deferred.fromCoroutine(_Download(self, request, task_id).run())
+        if running is None:
+            running = self._start(request, task_id)
+
+        def withdraw(mine: Deferred[DownloadResult]) -> None:
+            running.followers.remove(mine)
+            if not running.followers:
+                running.deferred.cancel()
+
+        mine: Deferred[DownloadResult] = Deferred(withdraw)
+        running.followers.append(mine)
+        return mine
+
+    def _start(self, request: DownloadRequest, task_id: str) -> "_Running":
+        download = _Download(self, request, task_id)
+        d = Deferred.fromCoroutine(download.run())
         if request.timeout:
             d.addTimeout(request.timeout, self.reactor)
-        self.downloading[task_id] = d
+        running = _Running(download, d)
+        self.downloading[task_id] = running
 
         def done(result: object) -> object:
             self.downloading.pop(task_id, None)
@@ -189,12 +203,15 @@ class PeerEngine:
                 )
             return result
 
-        d.addBoth(done)
-        # The caller gets its own Deferred: awaiting the shared one would
-        # take its result away from the requests that join later.
-        first: Deferred[DownloadResult] = Deferred(lambda _: d.cancel())
-        d.addBoth(_chain_to, first)
-        return first
+        d.addBoth(done).addBoth(running.settle)
+        return running
+
+    def progress_of(self, task_id: str) -> "_Download | None":
+        """
+        The download of C{task_id} under way, to follow its progress.
+        """
+        running = self.downloading.get(task_id)
+        return running.download if running is not None else None
 
     def log_piece(self, record: dict[str, Any]) -> None:
         if self._piece_log is not None:
@@ -241,12 +258,27 @@ class PeerEngine:
                 await self.supernodes.leave(task_id, self.peer_id)
 
 
-def _chain_to(result: Any, follower: "Deferred[Any]") -> Any:
-    if isinstance(result, Failure):
-        follower.errback(result)
-    else:
-        follower.callback(result)
-    return result
+@dataclass
+class _Running:
+    """
+    A download under way and the callers still waiting for it.
+    """
+
+    download: "_Download"
+    deferred: "Deferred[DownloadResult]"
+    followers: "list[Deferred[DownloadResult]]" = field(default_factory=list)
+
+    def settle(self, result: object) -> None:
+        """
+        Hand the outcome to every follower (which handle a failure).
+        """
+        followers, self.followers = self.followers, []
+        for follower in followers:
+            if isinstance(result, Failure):
+                follower.errback(result)
+            else:
+                assert isinstance(result, DownloadResult)
+                follower.callback(result)
 
 
 class _Download:
@@ -276,6 +308,13 @@ class _Download:
         self.last_progress = self.started
         self.cached_pieces = 0
         self.bytes_seen = 0
+        self.from_source = False
+        self.source_offset = 0
+        self.complete = False
+        self.ended = False
+        self.error: BaseException | None = None
+        self._prefix_pieces = 0
+        self._watchers: list[Deferred[None]] = []
         self.failures_in_a_row = 0
         self.poll: Deferred[Any] | None = None
         self.report_call: Deferred[Any] | None = None
@@ -311,13 +350,16 @@ class _Download:
             if reason:
                 self._stop_pieces()
                 await self._from_source(reason)
-        except CancelledError:
-            self._stop_pieces()
+            assert self.task_file is not None and self.length is not None
+            sha256 = await self._verify()
+            self.complete = True
+        except BaseException as e:
+            self.error = e
             raise
         finally:
+            self.ended = True
             self._stop_pieces()
-        assert self.task_file is not None and self.length is not None
-        sha256 = await self._verify()
+            self._notify()
         result = DownloadResult(
             self.task_id,
             self.task_file,
@@ -421,6 +463,8 @@ class _Download:
         )
         if self.task_file.length is None:
             self.task_file.length = length
+        self._prefix_pieces = 0
+        self._notify()
 
     # The scheduling loop --------------------------------------------------
 
@@ -576,6 +620,7 @@ class _Download:
             self.report.finished.append(piece)
             self.last_progress = self.reactor.seconds()
             self.failures_in_a_row = 0
+            self._notify()
             self.bytes_by_tier[tier] += length
             self.pieces_by_tier[tier] += 1
             if self.request.progress is not None:
@@ -653,8 +698,12 @@ class _Download:
         piece_size = piece_size_for(length)
         task_file = self.engine.store.open(self.task_id, piece_size, length, fresh=True)
         self.task_file = task_file
+        self.from_source = True
+        self.source_offset = 0
+        self.length = length
+        self._notify()
         receiver = _SourceReceiver(
-            self.engine.store, task_file, self.reactor, self.buckets
+            self.engine.store, task_file, self.reactor, self.buckets, self._written
         )
         response.deliverBody(receiver)
         received = await receiver.done
@@ -666,6 +715,46 @@ class _Download:
         self.file_sha256 = receiver.sha256.hexdigest()
         self.bytes_by_tier["source"] += received
         self.pieces_by_tier["source"] += len(task_file.held)
+
+    def _written(self, offset: int) -> None:
+        self.source_offset = offset
+        self._notify()
+
+    # Following the download (to stream it while it runs) ------------------
+
+    def changed(self) -> "Deferred[None]":
+        """
+        Fires at the next progress: a piece verified, source bytes written,
+        the length learnt, or the end (success or not).
+        """
+        if self.ended:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._watchers.append(d)
+        return d
+
+    def _notify(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.called:
+                watcher.callback(None)
+
+    def contiguous(self) -> int:
+        """
+        How many bytes from the start of the file are on disk, each piece
+        verified against the supernode's digest (or, back to source, as the
+        source sent them; the whole is checked against the digest at the
+        end).
+        """
+        if self.task_file is None or self.length is None:
+            return 0
+        if self.complete:
+            return self.length
+        if self.from_source:
+            return self.source_offset
+        while self._prefix_pieces in self.task_file.held:
+            self._prefix_pieces += 1
+        return min(self._prefix_pieces * self.piece_size, self.length)
 
     async def _verify(self) -> str:
         """
@@ -719,8 +808,10 @@ class _SourceReceiver(Protocol):
         task_file: TaskFile,
         reactor: Any,
         buckets: list[TokenBucket],
+        on_written: Callable[[int], None],
     ) -> None:
         self._store = store
+        self._on_written = on_written
         self._file = task_file
         self._reactor = reactor
         self._buckets = buckets
@@ -783,6 +874,8 @@ class _SourceReceiver(Protocol):
 
         def written(_: object) -> None:
             self._pending -= 1
+            if self._error is None:
+                self._on_written(offset + len(block))
             if self._write_paused and self._pending <= 1:
                 self._write_paused = False
                 if self._rate_pause is None:

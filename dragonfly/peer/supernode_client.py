@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from dragonfly.http import http_client
+from dragonfly.http import http_client, read_bounded
 from dragonfly.tls import TLSConfig
 
 MAX_REPLY = 4 << 20
@@ -178,7 +178,7 @@ class SupernodeClient:
                 headers=Headers({"Content-Type": ["application/json"]}),
                 timeout=timeout,
             )
-            raw = await _read_bounded(response)
+            raw = await read_bounded(response, MAX_REPLY)
         except CancelledError:
             raise
         except Exception as e:
@@ -196,20 +196,3 @@ class SupernodeClient:
         if not isinstance(reply, dict):
             raise SupernodeUnavailable("reply is not a JSON object")
         return reply
-
-
-async def _read_bounded(response: Any) -> bytes:
-    from treq.content import collect
-
-    chunks: list[bytes] = []
-    size = 0
-
-    def keep(chunk: bytes) -> None:
-        nonlocal size
-        size += len(chunk)
-        if size > MAX_REPLY:
-            raise ValueError("supernode reply too large")
-        chunks.append(chunk)
-
-    await collect(response, keep)
-    return b"".join(chunks)

@@ -12,9 +12,9 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from dragonfly.clientlog import make_sign, open_client_log
+from dragonfly.http import http_client, raw_agent
 from dragonfly.options import (
     TLS_PARAMETERS,
     check_tls_options,
@@ -25,6 +25,7 @@ from dragonfly.options import (
     size_option,
 )
 from dragonfly.peer.api import root
+from dragonfly.peer.mirror import RegistryMirror, mirror_site
 from dragonfly.peer.node import PeerConfig, PeerNode
 from dragonfly.peer.supernode_client import (
     SupernodeRefused,
@@ -46,7 +47,14 @@ class Options(usage.Options):
             "registry",
             None,
             "https://index.docker.io",
-            "Upstream registry the mirror serves (the registry-mirror face).",
+            "Upstream registry the mirror serves at /v2/.",
+        ],
+        [
+            "allow-registry",
+            None,
+            "",
+            "Other registries (comma-separated URLs) a request may select "
+            "with containerd's ?ns= or an X-Dragonfly-Registry header.",
         ],
         [
             "node",
@@ -117,6 +125,11 @@ class Options(usage.Options):
         try:
             self["nodes"] = parse_nodes([self["node"]])
             check_url(self["registry"])
+            self["allowed"] = [
+                check_url(u.strip())
+                for u in self["allow-registry"].split(",")
+                if u.strip()
+            ]
         except (ValueError, InvalidRequest) as e:
             raise usage.UsageError(str(e)) from None
 
@@ -206,7 +219,18 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
         endpoints.TCP4ServerEndpoint(
             reactor, options["port"], interface=options["listen-ip"]
         ),
-        Site(root(node.engine)),
+        mirror_site(
+            root(
+                node.engine,
+                RegistryMirror(
+                    node.engine,
+                    options["registry"],
+                    raw_agent(reactor),
+                    http_client(reactor),
+                    allowed=options["allowed"],
+                ),
+            )
+        ),
     ).setServiceParent(top)
     TimerService(20.0, peer.housekeeping).setServiceParent(top)
     return top, node
