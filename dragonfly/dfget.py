@@ -362,7 +362,7 @@ async def _download(
             await _keep_serving(reactor, node, result, args.keep_serving)
     finally:
         progress.close()
-        await node.stop()
+        await node.stop(remove_data=True)
     return 0
 
 

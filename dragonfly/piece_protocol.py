@@ -420,6 +420,7 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         self.remote: wire.Hello | None = None
         self._clock = clock
         self._delay = 0.0
+        self._paused_timeout: float | None = None
         self._stall_timeout = stall_timeout
         self._idle_timeout = idle_timeout
         self._handshake_timeout = handshake_timeout
@@ -490,7 +491,10 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
             self.transport.write(wire.encode(wire.Cancel(request_id)))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        if self.remote is not None:
+            # The handshake deadline is absolute; after it, any byte is
+            # progress for the stall watchdog.
+            self.resetTimeout()
         self.bytes_received += len(data)
         if self._on_data is not None:
             self._on_data(len(data))
@@ -504,12 +508,14 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         delay, self._delay = self._delay, 0.0
         if delay > 0 and self._resume_call is None and not self._lost:
             self.transport.pauseProducing()  # type: ignore[union-attr]
+            # Our own rate limit holding the data back is not a stall.
+            self._paused_timeout = self.setTimeout(None)
             self._resume_call = self._clock.callLater(delay, self._resume)
 
     def _resume(self) -> None:
         self._resume_call = None
         if not self._lost:
-            self.resetTimeout()
+            self.setTimeout(self._paused_timeout)
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _handle(self, event: wire.Event) -> None:

@@ -142,8 +142,20 @@ class PieceStore:
     A directory of task files; serves the pieces they hold.
     """
 
-    def __init__(self, directory: Path, reactor: Any, threadpool: Any = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        reactor: Any,
+        threadpool: Any = None,
+        suffix: str = "",
+    ) -> None:
+        """
+        @param suffix: appended to every task file's name; peers use their
+            process id, so that processes sharing a home never write (or
+            link outputs to) each other's files.
+        """
         self.directory = directory
+        self._suffix = suffix
         self._reactor = reactor
         self._threadpool = threadpool or reactor.getThreadPool()
         self.tasks: dict[str, TaskFile] = {}
@@ -156,7 +168,7 @@ class PieceStore:
         return deferToThreadPool(self._reactor, self._threadpool, f, *args)
 
     def path_for(self, task_id: str) -> Path:
-        return self.directory / task_id[:2] / task_id
+        return self.directory / task_id[:2] / (task_id + self._suffix)
 
     def open(
         self, task_id: str, piece_size: int, length: int | None, fresh: bool = False
@@ -209,6 +221,13 @@ class PieceStore:
             t for t in self.tasks.values() if t.last_used < older_than and not t.readers
         ]
 
-    def close(self) -> None:
+    def close(self, remove: bool = False) -> None:
+        """
+        Close every task file, and delete them when C{remove} (outputs linked
+        to them keep their data).
+        """
         for task_file in self.tasks.values():
-            task_file.close()
+            if remove:
+                task_file.remove()
+            else:
+                task_file.close()

@@ -353,6 +353,8 @@ class _Download:
             assert self.task_file is not None and self.length is not None
             sha256 = await self._verify()
             self.complete = True
+            # Expiry counts from the end of a download, not its start.
+            self.task_file.last_used = self.reactor.seconds()
         except BaseException as e:
             self.error = e
             raise

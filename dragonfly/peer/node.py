@@ -55,7 +55,7 @@ class PeerNode:
         self.config = config
         self.peer_id = config.peer_id or make_peer_id(config.ip)
         self._port: IListeningPort | None = None
-        self.store = PieceStore(config.home / "data", reactor)
+        self.store = PieceStore(config.home / "data", reactor, suffix=f".{os.getpid()}")
         upload_buckets = (
             [TokenBucket(config.upload_limit, reactor)] if config.upload_limit else []
         )
@@ -114,9 +114,11 @@ class PeerNode:
         # Now the port is known (it may have been 0): say it in HELLOs.
         self.server.identity = self.pool.identity = Identity(self.peer_id, self.address)
 
-    async def stop(self) -> None:
+    async def stop(self, remove_data: bool = False) -> None:
         """
-        Leave every swarm, close connections and stop serving.
+        Leave every swarm, close connections and stop serving; with
+        C{remove_data}, delete the task files (a one-shot dfget's outputs are
+        links to them and keep their data).
         """
         await self.engine.leave_all()
         self.pool.close()
@@ -126,4 +128,4 @@ class PeerNode:
             self._port = None
             if stopping is not None:
                 await stopping
-        self.store.close()
+        self.store.close(remove=remove_data)

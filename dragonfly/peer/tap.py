@@ -12,6 +12,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from dragonfly.clientlog import make_sign, open_client_log
 from dragonfly.http import http_client, raw_agent
@@ -154,8 +155,14 @@ class _PeerService(Service):
                 peer_id=self.node.peer_id,
                 address=self.node.address,
             ),
-            lambda f: self._log.failure("cannot serve pieces", f),
+            self._cannot_serve,
         )
+
+    def _cannot_serve(self, failure: Failure) -> None:
+        # A peer that cannot serve would still be advertised to the swarm:
+        # stop, as dfget exits, rather than run half-working.
+        self._log.failure("cannot serve pieces; stopping", failure)
+        self.node.reactor.stop()
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
