@@ -155,6 +155,62 @@ class _Flow:
         return self._resumed
 
 
+def client_headers(request: Request) -> Headers:
+    """
+    The request's headers to send upstream: all but the hop-by-hop ones.
+    """
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in _HOP_BY_HOP or lowered == b"x-dragonfly-registry":
+            continue
+        headers.setRawHeaders(name, list(values))
+    return headers
+
+
+async def forward(
+    agent: IAgent,
+    reactor: Any,
+    request: Request,
+    url: str,
+    timeout: float,
+    headers: Headers,
+) -> None:
+    """
+    Send C{request} to C{url} and stream the answer back as it is (status,
+    headers but the hop-by-hop ones, body under backpressure).
+    """
+    asking = agent.request(request.method, url.encode("ascii"), headers, None)
+    asking.addTimeout(timeout, reactor)
+    try:
+        response: IResponse = await asking
+    except CancelledError:
+        raise
+    except DeferredTimeout:
+        registry_error(request, 504, "UNAVAILABLE", "upstream timed out")
+        return
+    except Exception as e:
+        _log.warn("upstream {url} failed: {error}", url=url, error=e)
+        registry_error(request, 502, "UNAVAILABLE", f"upstream: {e}")
+        return
+    request.setResponseCode(response.code)
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in _HOP_BY_HOP:
+            request.responseHeaders.setRawHeaders(name, list(values))
+    if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        # Twisted's client takes Content-Length out of the headers (a
+        # HEAD's stays in them).
+        request.setHeader(b"content-length", str(response.length).encode())
+    done: Deferred[None] = Deferred()
+    response.deliverBody(_Relay(request, done))
+    await done
+    if not request.finished:
+        request.finish()
+
+
+_log = Logger()
+
+
 class _Relay(Protocol):
     """
     Copies an upstream body into the client's response; the upstream
@@ -273,45 +329,16 @@ class RegistryMirror(Resource):
         ]
         return upstream + path + ("?" + urlencode(query) if query else "")
 
-    def _client_headers(self, request: Request) -> Headers:
-        headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            lowered = name.lower()
-            if lowered in _HOP_BY_HOP or lowered == b"x-dragonfly-registry":
-                continue
-            headers.setRawHeaders(name, list(values))
-        return headers
-
     async def _forward(self, request: Request, upstream: str, path: str) -> None:
         url = self._upstream_url(upstream, request, path)
-        asking = self._agent.request(
-            request.method, url.encode("ascii"), self._client_headers(request), None
+        await forward(
+            self._agent,
+            self._engine.reactor,
+            request,
+            url,
+            self._timeout,
+            client_headers(request),
         )
-        asking.addTimeout(self._timeout, self._engine.reactor)
-        try:
-            response: IResponse = await asking
-        except CancelledError:
-            raise
-        except DeferredTimeout:
-            registry_error(request, 504, "UNAVAILABLE", "upstream registry timed out")
-            return
-        except Exception as e:
-            self._log.warn("upstream {url} failed: {error}", url=url, error=e)
-            registry_error(request, 502, "UNAVAILABLE", f"upstream registry: {e}")
-            return
-        request.setResponseCode(response.code)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in _HOP_BY_HOP:
-                request.responseHeaders.setRawHeaders(name, list(values))
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            # Twisted's client takes Content-Length out of the headers (a
-            # HEAD's stays in them).
-            request.setHeader(b"content-length", str(response.length).encode())
-        done: Deferred[None] = Deferred()
-        response.deliverBody(_Relay(request, done))
-        await done
-        if not request.finished:
-            request.finish()
 
     # Blobs through the swarm ----------------------------------------------
 
@@ -366,7 +393,9 @@ class RegistryMirror(Resource):
         )
         progress = self._engine.progress_of(task_id)
         try:
-            await _BlobStream(request, digest, name, result, progress).run()
+            await _BlobStream(
+                request, digest, f"blob {digest} of {name}", result, progress
+            ).run()
         finally:
             # A client that left (or a failed stream) withdraws its interest:
             # the download stops unless another request still wants it.
@@ -438,7 +467,8 @@ class _BlobStream:
             )
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(end - start).encode())
-        request.setHeader(b"docker-content-digest", self._digest.encode())
+        if self._digest:
+            request.setHeader(b"docker-content-digest", self._digest.encode())
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"x-dragonfly-route", b"p2p")
         flow = _Flow()
@@ -453,16 +483,15 @@ class _BlobStream:
         if outcome is not None and not isinstance(outcome, Failure):
             tiers = outcome.bytes_by_tier
             self._log.info(
-                "blob {digest} of {name}: {length} bytes, {peers} from peers, "
+                "{name}: {length} bytes, {peers} from peers, "
                 "{supernode} from the supernode, {source} from the source",
-                digest=self._digest,
                 name=self._name,
                 length=length,
                 **tiers,
             )
 
     async def _send(self, flow: _Flow, start: int, end: int, whole: bool) -> None:
-        digest = hashlib.sha256() if whole else None
+        digest = hashlib.sha256() if whole and self._digest else None
         offset = start
         while offset < end and not flow.stopped:
             progress = self._progress
@@ -520,6 +549,60 @@ class _BlobStream:
         registry_error(request, 502, "UNAVAILABLE", failure.getErrorMessage())
 
 
+class ForwardProxy(Resource):
+    """
+    dfpeer as a plain HTTP proxy (C{HTTP_PROXY=http://127.0.0.1:65001}):
+    C{GET}s of URLs matching one of the rules (regular expressions, searched
+    in the whole URL, first match wins) go through the swarm, everything else
+    is forwarded as it is.  HTTPS (C{CONNECT}) is not proxied.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self, engine: PeerEngine, agent: IAgent, rules: list[str], timeout: float = 30.0
+    ) -> None:
+        super().__init__()
+        self._engine = engine
+        self._agent = agent
+        self._rules = [re.compile(rule) for rule in rules]
+        self._timeout = timeout
+
+    def render(self, request: Request) -> Any:
+        url = request.uri.decode("latin-1")
+        if request.method not in (b"GET", b"HEAD"):
+            registry_error(request, 405, "UNSUPPORTED", "only GET and HEAD are proxied")
+            return NOT_DONE_YET
+        headers = client_headers(request)
+        for name in list(dict(headers.getAllRawHeaders())):
+            if name.lower().startswith(b"proxy-"):
+                headers.removeHeader(name)
+        if request.method == b"GET" and any(rule.search(url) for rule in self._rules):
+            work = self._through_swarm(request, url, headers)
+        else:
+            work = forward(
+                self._agent, self._engine.reactor, request, url, self._timeout, headers
+            )
+        d = Deferred.fromCoroutine(work)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    async def _through_swarm(
+        self, request: Request, url: str, headers: Headers
+    ) -> None:
+        sent = {
+            name.decode("latin-1"): [v.decode("latin-1") for v in values]
+            for name, values in headers.getAllRawHeaders()
+            if name.lower() not in (b"range", b"accept-encoding")
+        }
+        result = self._engine.download(DownloadRequest(url=url, headers=sent))
+        progress = self._engine.progress_of(task_id_for(url))
+        try:
+            await _BlobStream(request, "", url, result, progress).run()
+        finally:
+            result.cancel()
+
+
 class PlainHTTPChannel(HTTPChannel):
     """
     An HTTP channel that answers a TLS ClientHello at once.
@@ -544,13 +627,33 @@ class PlainHTTPChannel(HTTPChannel):
         super().dataReceived(data)
 
 
-def mirror_site(resource: Resource) -> Site:
+class MirrorSite(Site):
     """
-    A site for dfpeer's HTTP port.
+    dfpeer's HTTP port: the local API and the registry mirror by path, and
+    requests in proxy form (an absolute URI) to the forward proxy.
     """
-    site = Site(resource)
-    site.protocol = PlainHTTPChannel  # type: ignore[assignment]
-    return site
+
+    protocol = PlainHTTPChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: Resource, proxy: Resource | None = None) -> None:
+        super().__init__(resource)
+        self._proxy = proxy
+
+    def getResourceFor(self, request: Request) -> Any:
+        if request.uri.startswith((b"http://", b"https://")):
+            request.site = self
+            if self._proxy is None:
+                return _NoProxy()
+            return self._proxy
+        return super().getResourceFor(request)
+
+
+class _NoProxy(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        registry_error(request, 405, "UNSUPPORTED", "this dfpeer is not a proxy")
+        return NOT_DONE_YET  # type: ignore[return-value]
 
 
 class _Aborted(Exception):

@@ -2,6 +2,7 @@
 C{twistd dfpeer}: the long-lived peer daemon of a host.
 """
 
+import re
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from dragonfly.options import (
     size_option,
 )
 from dragonfly.peer.api import root
-from dragonfly.peer.mirror import RegistryMirror, mirror_site
+from dragonfly.peer.mirror import ForwardProxy, MirrorSite, RegistryMirror
 from dragonfly.peer.node import PeerConfig, PeerNode
 from dragonfly.peer.supernode_client import (
     SupernodeRefused,
@@ -43,6 +44,22 @@ class Options(usage.Options):
         "Run the peer daemon of a host: it serves the pieces it holds to "
         "other peers and downloads through the swarm for local programs."
     )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["proxy-rules"] = []
+
+    def opt_proxy_rule(self, rule: str) -> None:
+        """
+        A regular expression: proxied GETs of matching URLs go through the
+        swarm (repeatable; first match wins).
+        """
+        try:
+            re.compile(rule)
+        except re.error as e:
+            raise usage.UsageError(f"--proxy-rule {rule!r}: {e}") from None
+        self["proxy-rules"].append(rule)
+
     optParameters = [
         [
             "registry",
@@ -118,11 +135,20 @@ class Options(usage.Options):
             "Delete a held file unused this long.",
             duration_option("expire"),
         ],
+        [
+            "cert",
+            None,
+            "",
+            "PEM certificate: serve the HTTP port (mirror, API) over HTTPS.",
+        ],
+        ["key", None, "", "PEM private key of --cert."],
         *TLS_PARAMETERS,
     ]
 
     def postOptions(self) -> None:
         check_tls_options(self)
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key must be given together")
         try:
             self["nodes"] = parse_nodes([self["node"]])
             check_url(self["registry"])
@@ -222,23 +248,35 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
     top = MultiService()
     peer = _PeerService(node, options["expire"])
     peer.setServiceParent(top)
-    StreamServerEndpointService(
-        endpoints.TCP4ServerEndpoint(
-            reactor, options["port"], interface=options["listen-ip"]
-        ),
-        mirror_site(
-            root(
+    agent = raw_agent(reactor)
+    site = MirrorSite(
+        root(
+            node.engine,
+            RegistryMirror(
                 node.engine,
-                RegistryMirror(
-                    node.engine,
-                    options["registry"],
-                    raw_agent(reactor),
-                    http_client(reactor),
-                    allowed=options["allowed"],
-                ),
-            )
+                options["registry"],
+                agent,
+                http_client(reactor),
+                allowed=options["allowed"],
+            ),
         ),
-    ).setServiceParent(top)
+        ForwardProxy(node.engine, agent, options["proxy-rules"]),
+    )
+    http_port: Any = endpoints.TCP4ServerEndpoint(
+        reactor, options["port"], interface=options["listen-ip"]
+    )
+    if options["cert"]:
+        try:
+            mirror_tls = TLSConfig.load(options["cert"], options["key"])
+        except TLSConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        http_port = endpoints.SSL4ServerEndpoint(
+            reactor,
+            options["port"],
+            mirror_tls.server_options(),
+            interface=options["listen-ip"],
+        )
+    StreamServerEndpointService(http_port, site).setServiceParent(top)
     TimerService(20.0, peer.housekeeping).setServiceParent(top)
     return top, node
 
