@@ -51,7 +51,7 @@ _NAME = (
 )
 _BLOB = re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/(?P<digest>sha256:[0-9a-f]{{64}})$")
 _PATH = re.compile(
-    rf"^/v2/(?:(?P<name>{_NAME})/(?:manifests|blobs|tags|referrers)/[A-Za-z0-9_.:+-]+"
+    rf"^/v2/(?:(?P<name>{_NAME})/(?:manifests|blobs|tags|referrers)/[A-Za-z0-9_][A-Za-z0-9_.:+-]*"
     rf"|(?P<name2>{_NAME})/tags/list)?/?$"
 )
 _HOP_BY_HOP = {
@@ -160,9 +160,19 @@ def client_headers(request: Request) -> Headers:
     The request's headers to send upstream: all but the hop-by-hop ones.
     """
     headers = Headers()
+    # Headers named in Connection are hop-by-hop too (RFC 9110, 7.6.1).
+    listed = {
+        token.strip().lower().encode("latin-1")
+        for value in request.requestHeaders.getRawHeaders(b"connection", [])
+        for token in value.decode("latin-1").split(",")
+    }
     for name, values in request.requestHeaders.getAllRawHeaders():
         lowered = name.lower()
-        if lowered in _HOP_BY_HOP or lowered == b"x-dragonfly-registry":
+        if (
+            lowered in _HOP_BY_HOP
+            or lowered in listed
+            or lowered == b"x-dragonfly-registry"
+        ):
             continue
         headers.setRawHeaders(name, list(values))
     return headers
@@ -396,10 +406,11 @@ class RegistryMirror(Resource):
             await _BlobStream(
                 request, digest, f"blob {digest} of {name}", result, progress
             ).run()
-        finally:
+        except BaseException:
             # A client that left (or a failed stream) withdraws its interest:
             # the download stops unless another request still wants it.
             result.cancel()
+            raise
 
 
 class _BlobStream:
@@ -437,12 +448,20 @@ class _BlobStream:
                 if isinstance(self._outcome, Failure):
                     return None
                 return int(self._outcome.length)
-            waiting = (
-                progress.changed() if progress is not None else self._result_or_none()
-            )
-            await waiting
+            await self._next_event()
 
-    def _result_or_none(self) -> "Deferred[None]":
+    def _next_event(self) -> "Deferred[None]":
+        """
+        Fires at the download's next progress or, once it has ended, when its
+        outcome is known (an ended download makes no more progress: waiting
+        on it would spin).
+        """
+        progress = self._progress
+        if progress is not None and not progress.ended:
+            changed: Deferred[None] = progress.changed()
+            return changed
+        if self._outcome is not None:
+            return succeed(None)
         d: Deferred[None] = Deferred()
         self._result.addBoth(lambda _: d.callback(None) if not d.called else None)
         return d
@@ -476,7 +495,8 @@ class _BlobStream:
         try:
             await self._send(flow, start, end, whole=window is None)
         finally:
-            request.unregisterProducer()
+            if request.channel is not None:  # None once the client left
+                request.unregisterProducer()
         if not flow.stopped and not request.finished:
             request.finish()
         outcome = self._outcome
@@ -511,11 +531,7 @@ class _BlobStream:
             ):
                 raise _Aborted(f"download of {self._digest} failed")
             if task_file is None or available <= offset:
-                await (
-                    progress.changed()
-                    if progress is not None
-                    else self._result_or_none()
-                )
+                await self._next_event()
                 continue
             size = min(_CHUNK, available - offset, end - offset)
             data = task_file.read(offset, size)
@@ -599,8 +615,9 @@ class ForwardProxy(Resource):
         progress = self._engine.progress_of(task_id_for(url))
         try:
             await _BlobStream(request, "", url, result, progress).run()
-        finally:
+        except BaseException:
             result.cancel()
+            raise
 
 
 class PlainHTTPChannel(HTTPChannel):

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -181,6 +182,11 @@ class SupernodeClient:
             raw = await read_bounded(response, MAX_REPLY)
         except CancelledError:
             raise
+        except ResponseNeverReceived as e:
+            if any(reason.check(CancelledError) for reason in e.reasons):
+                # Our own cancellation, not the supernode's failure.
+                raise CancelledError() from e
+            raise SupernodeUnavailable(f"{type(e).__name__}: {e}") from e
         except Exception as e:
             raise SupernodeUnavailable(f"{type(e).__name__}: {e}") from e
         try:
