@@ -422,9 +422,11 @@ def start_dfpeer(
     ip: str,
     pki: PKI | None = None,
     extra: Sequence[str] = (),
+    https_context: ssl.SSLContext | None = None,
 ) -> Daemon:
     """
-    C{twistd -n dfpeer} serving pieces on C{ip} and its HTTP API on C{ip}.
+    C{twistd -n dfpeer} serving pieces on C{ip} and its HTTP API on C{ip}
+    (over HTTPS, checked with C{https_context}, when C{extra} has --cert).
     """
     directory.mkdir(parents=True, exist_ok=True)
     api_port, peer_port = free_port(ip), free_port(ip)
@@ -455,8 +457,10 @@ def start_dfpeer(
     out = open(directory / "dfpeer.out", "wb")  # noqa: SIM115
     proc = processes.popen(args, cwd=directory, stdout=out, stderr=subprocess.STDOUT)
     out.close()
-    daemon = Daemon(proc, log, home, ip, api_port, None, {"peer_port": peer_port})
-    wait_for_ping(daemon.url("/_ping"), proc, log)
+    daemon = Daemon(
+        proc, log, home, ip, api_port, https_context, {"peer_port": peer_port}
+    )
+    wait_for_ping(daemon.url("/_ping"), proc, log, context=https_context)
     return daemon
 
 
