@@ -760,15 +760,17 @@ class _Download:
 
     async def _verify(self) -> str:
         """
-        The whole file's sha256, checked against the expected digest.  (Each
-        piece was checked against the supernode's record as it arrived; the
-        file is hashed again only when a digest was asked for, or when no
-        supernode gave the whole file's sha256.)
+        The whole file's sha256, checked against the expected digest.
+
+        The file is hashed again only when nobody gave its sha256: each piece
+        was checked against the supernode's record as it arrived, and the
+        supernode's whole-file sha256 is of the same bytes (or, back to
+        source, the receiver hashed what it wrote).
         """
         assert self.task_file is not None and self.length is not None
         expected = self.request.digest.removeprefix("sha256:")
         sha256 = self.file_sha256
-        if expected or not sha256:
+        if not sha256:
             sha256 = await self.engine.store.in_thread(
                 self.task_file.hash_range, 0, self.length
             )
