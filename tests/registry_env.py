@@ -5,6 +5,12 @@ loopback, container images built offline in Python and pushed with
 C{skopeo}, and real clients (dockerd, containerd's C{ctr}, podman, skopeo)
 pulling through a given mirror URL, each reporting the digests it pulled.
 
+The images and the registry come from the package
+(L{dragonfly.devtools.oci}, L{dragonfly.devtools.registry}), which the demo
+uses too; this module adds what only the tests need: skipping when a tool
+is missing, tracking processes in a L{loopback.Processes}, and the daemons
+(dockerd, containerd) and podman.
+
 Every process started here is tracked by PID in a L{loopback.Processes} and
 ended (SIGTERM, then SIGKILL after a bounded wait) when its test ends,
 whether it passed or not.  Only loopback addresses (127.0.0.0/8) are used.
@@ -18,58 +24,111 @@ on the upstream, or the mirror's own records).
 """
 
 import contextlib
-import gzip
-import hashlib
-import io
 import json
 import os
-import random
-import re
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loopback import MIB, Processes, child_env, free_port, stop_process
+from loopback import Processes, stop_process
 
-START_TIMEOUT = 30.0
-PULL_TIMEOUT = 180.0
-COMMAND_TIMEOUT = 60.0
+from dragonfly.devtools import registry as _registry
+from dragonfly.devtools.oci import (
+    ACCEPT_ALL,
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MEDIA_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    REF_NAME,
+    Blob,
+    Image,
+    ImageIndex,
+    ImageLayout,
+    Layer,
+    canonical_json,
+    digest_of,
+    file_digest,
+)
+from dragonfly.devtools.registry import (
+    COMMAND_TIMEOUT,
+    NO_ROUTE_PROXY,
+    PULL_TIMEOUT,
+    START_TIMEOUT,
+    Access,
+    Registry,
+    blob_bytes,
+    blob_gets,
+    client_env,
+    containers_env,
+    parse_access_log,
+    registry_config,
+    run,
+    tail,
+    write_registries_conf,
+)
 
-# Any request that is not for loopback goes to this closed port and fails at
-# once (no DNS, no waiting): see L{client_env}.
-NO_ROUTE_PROXY = "http://127.0.0.1:9"
-
-# Media types -----------------------------------------------------------------
-
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-MEDIA_TYPES = {
-    "docker": (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LIST),
-    "oci": (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER, OCI_INDEX),
-}
-
-# Every manifest type a client may ask for, for fetching manifests by hand.
-ACCEPT_ALL = ", ".join((DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX))
-
-REF_NAME = "org.opencontainers.image.ref.name"
+__all__ = [
+    "ACCEPT_ALL",
+    "COMMAND_TIMEOUT",
+    "DOCKER_CONFIG",
+    "DOCKER_LAYER",
+    "DOCKER_LIST",
+    "DOCKER_MANIFEST",
+    "MEDIA_TYPES",
+    "NO_ROUTE_PROXY",
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER",
+    "OCI_MANIFEST",
+    "PULL_TIMEOUT",
+    "REF_NAME",
+    "START_TIMEOUT",
+    "Access",
+    "Blob",
+    "Containerd",
+    "Dockerd",
+    "Image",
+    "ImageIndex",
+    "ImageLayout",
+    "Layer",
+    "Podman",
+    "Pulled",
+    "Registry",
+    "blob_bytes",
+    "blob_gets",
+    "canonical_json",
+    "client_env",
+    "containers_env",
+    "digest_of",
+    "file_digest",
+    "make_podman",
+    "normalize_reference",
+    "parse_access_log",
+    "push",
+    "registry_config",
+    "run",
+    "short_dir",
+    "skopeo_inspect_raw",
+    "skopeo_pull",
+    "start_containerd",
+    "start_dockerd",
+    "start_registry",
+    "tail",
+    "write_hosts_dir",
+    "write_registries_conf",
+]
 
 
 # Tools -----------------------------------------------------------------------
@@ -81,11 +140,7 @@ def require_tool(name: str) -> str:
     skipped (it comes from C{scripts/install-system-deps}), except in CI,
     which installs it, where a missing tool fails the test instead.
     """
-    # Debian's packages first: a docker CLI of another version may sit in
-    # /usr/local/bin.
-    found = shutil.which(name, path="/usr/bin:/usr/sbin:/bin:/sbin") or shutil.which(
-        name
-    )
+    found = _registry.find_tool(name)
     if found is None:
         reason = f"{name} is not installed (run scripts/install-system-deps as root)"
         if os.environ.get("CI"):
@@ -97,62 +152,6 @@ def require_tool(name: str) -> str:
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
         pytest.skip(f"{what} needs root (these tests run as root)")
-
-
-def client_env(directory: Path | None = None) -> dict[str, str]:
-    """
-    The environment for client tools and daemons: proxies that make every
-    non-loopback request fail at once, and C{TMPDIR} inside the test's
-    directory.
-    """
-    env = child_env()
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        env[name] = NO_ROUTE_PROXY
-    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
-        env.pop(name, None)
-    if directory is not None:
-        tmp = directory / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        env["TMPDIR"] = str(tmp)
-    return env
-
-
-def run(
-    args: Sequence[str],
-    *,
-    timeout: float = COMMAND_TIMEOUT,
-    env: dict[str, str] | None = None,
-    check: bool = True,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """
-    Run a command to completion (bounded by C{timeout}; on timeout it is
-    killed by C{subprocess.run}).  With C{check}, a non-zero exit fails with
-    the command's output.
-    """
-    result = subprocess.run(
-        list(args),
-        env=env if env is not None else client_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=cwd,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited with {result.returncode}:\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 @contextlib.contextmanager
@@ -231,550 +230,7 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-# Digests and blobs -----------------------------------------------------------
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MIB):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-
-
-@dataclass(frozen=True)
-class Blob:
-    """
-    A content-addressed blob of an image layout.
-    """
-
-    digest: str
-    size: int
-    media_type: str
-
-    def descriptor(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "mediaType": self.media_type,
-            "digest": self.digest,
-            "size": self.size,
-            **extra,
-        }
-
-
-@dataclass(frozen=True)
-class Layer(Blob):
-    """
-    A gzip'd tar layer: C{digest} is of the compressed blob, C{diff_id} of
-    the tar inside.
-    """
-
-    diff_id: str = ""
-
-
-@dataclass(frozen=True)
-class Image:
-    """
-    One image: its manifest, config and layers, for one platform.
-    """
-
-    manifest: Blob
-    config: Blob
-    layers: tuple[Layer, ...]
-    architecture: str
-    os: str
-    format: str
-
-    @property
-    def digest(self) -> str:
-        return self.manifest.digest
-
-    @property
-    def layer_digests(self) -> list[str]:
-        return [layer.digest for layer in self.layers]
-
-    @property
-    def diff_ids(self) -> list[str]:
-        return [layer.diff_id for layer in self.layers]
-
-    @property
-    def size(self) -> int:
-        return sum(layer.size for layer in self.layers)
-
-
-@dataclass(frozen=True)
-class ImageIndex:
-    """
-    A Docker manifest list or an OCI image index over L{Image}s.
-    """
-
-    manifest: Blob
-    images: tuple[Image, ...]
-    format: str
-
-    @property
-    def digest(self) -> str:
-        return self.manifest.digest
-
-    def for_platform(
-        self, architecture: str = "amd64", os_name: str = "linux"
-    ) -> Image:
-        for image in self.images:
-            if (image.architecture, image.os) == (architecture, os_name):
-                return image
-        raise KeyError((architecture, os_name))
-
-
-class _HashingWriter(io.RawIOBase):
-    """
-    Passes writes on to C{target} while hashing and counting them.
-    """
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.hash.update(view)
-        self.size += len(view)
-        self.target.write(view)
-        return len(view)
-
-
-class _RandomReader(io.RawIOBase):
-    """
-    C{size} pseudo-random bytes: from C{seed} (the same bytes every time) or
-    from C{os.urandom}.
-    """
-
-    def __init__(self, size: int, seed: int | str | None) -> None:
-        self.left = size
-        self.rng = None if seed is None else random.Random(str(seed))
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n is None or n < 0 else min(n, self.left)
-        n = min(n, 4 * MIB)
-        self.left -= n
-        return os.urandom(n) if self.rng is None else self.rng.randbytes(n)
-
-
-class ImageLayout:
-    """
-    An OCI image layout directory (C{oci-layout}, C{index.json},
-    C{blobs/sha256/}) built offline.
-
-    Manifests are written as given (Docker schema2 media types as well as
-    OCI ones); L{push} copies them with C{skopeo copy --all
-    --preserve-digests} from a C{dir:} view of the layout (skopeo 1.9's
-    C{oci:} transport only reads OCI-typed manifests), so the registry ends
-    up with exactly these bytes and digests (L{push} checks it).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.blobs = path / "blobs" / "sha256"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-        self.refs: dict[str, Blob] = {}
-        self._write_index()
-        self.count = 0
-
-    def blob_path(self, digest: str) -> Path:
-        return self.blobs / digest.split(":", 1)[1]
-
-    def add_blob(self, data: bytes, media_type: str) -> Blob:
-        digest = digest_of(data)
-        self.blob_path(digest).write_bytes(data)
-        return Blob(digest, len(data), media_type)
-
-    def add_json(self, value: Any, media_type: str) -> Blob:
-        return self.add_blob(canonical_json(value), media_type)
-
-    def make_layer(
-        self,
-        size: int,
-        *,
-        seed: int | str | None = None,
-        media_type: str = DOCKER_LAYER,
-        compresslevel: int = 0,
-    ) -> Layer:
-        """
-        A gzip'd tar layer holding one file of C{size} random bytes (from
-        C{seed}, to make the same layer again, or fresh ones).  The
-        default gzip level 0 (stored blocks) is valid gzip and costs
-        nothing: random bytes don't compress anyway.
-        """
-        self.count += 1
-        tmp = self.path / f"layer-{self.count}.tmp"
-        name = f"dfly/{seed if seed is not None else os.urandom(8).hex()}.bin"
-        with open(tmp, "wb") as out:
-            compressed = _HashingWriter(out)
-            with gzip.GzipFile(
-                filename="",
-                mode="wb",
-                fileobj=compressed,
-                compresslevel=compresslevel,
-                mtime=0,
-            ) as gz:
-                uncompressed = _HashingWriter(gz)
-                with tarfile.open(
-                    fileobj=uncompressed, mode="w|", format=tarfile.PAX_FORMAT
-                ) as tar:
-                    directory = tarfile.TarInfo("dfly")
-                    directory.type = tarfile.DIRTYPE
-                    directory.mode = 0o755
-                    tar.addfile(directory)
-                    info = tarfile.TarInfo(name)
-                    info.size = size
-                    info.mode = 0o644
-                    tar.addfile(info, _RandomReader(size, seed))
-        digest = "sha256:" + compressed.hash.hexdigest()
-        tmp.rename(self.blob_path(digest))
-        return Layer(
-            digest,
-            compressed.size,
-            media_type,
-            diff_id="sha256:" + uncompressed.hash.hexdigest(),
-        )
-
-    def make_image(
-        self,
-        layer_sizes: Sequence[int] = (),
-        *,
-        format: str = "docker",
-        architecture: str = "amd64",
-        os_name: str = "linux",
-        seeds: Sequence[int | str | None] | None = None,
-        layers: Sequence[Layer] = (),
-        label: str | None = None,
-    ) -> Image:
-        """
-        An image of C{layers} (already made, e.g. shared with another image)
-        followed by new layers of C{layer_sizes} bytes (random, or from
-        C{seeds}); C{format} is C{docker} (schema2) or C{oci}.
-        """
-        manifest_type, config_type, layer_type, _ = MEDIA_TYPES[format]
-        if seeds is None:
-            seeds = [None] * len(layer_sizes)
-        assert len(seeds) == len(layer_sizes)
-        all_layers = [
-            Layer(lr.digest, lr.size, layer_type, lr.diff_id) for lr in layers
-        ]
-        all_layers += [
-            self.make_layer(size, seed=seed, media_type=layer_type)
-            for size, seed in zip(layer_sizes, seeds, strict=True)
-        ]
-        created = "2024-01-01T00:00:00Z"
-        config = self.add_json(
-            {
-                "architecture": architecture,
-                "os": os_name,
-                "created": created,
-                "config": {
-                    "Cmd": ["/dfly/none"],
-                    "Labels": {"dragonfly.test": label or os_urandom_hex()},
-                },
-                "rootfs": {
-                    "type": "layers",
-                    "diff_ids": [layer.diff_id for layer in all_layers],
-                },
-                "history": [
-                    {"created": created, "created_by": f"dragonfly test layer {i}"}
-                    for i in range(len(all_layers))
-                ],
-            },
-            config_type,
-        )
-        manifest = self.add_json(
-            {
-                "schemaVersion": 2,
-                "mediaType": manifest_type,
-                "config": config.descriptor(),
-                "layers": [layer.descriptor() for layer in all_layers],
-            },
-            manifest_type,
-        )
-        return Image(manifest, config, tuple(all_layers), architecture, os_name, format)
-
-    def make_index(
-        self, images: Sequence[Image], *, format: str = "docker"
-    ) -> ImageIndex:
-        """
-        A manifest list (C{docker}) or an OCI index (C{oci}) of C{images}.
-        """
-        list_type = MEDIA_TYPES[format][3]
-        manifest = self.add_json(
-            {
-                "schemaVersion": 2,
-                "mediaType": list_type,
-                "manifests": [
-                    image.manifest.descriptor(
-                        platform={"architecture": image.architecture, "os": image.os}
-                    )
-                    for image in images
-                ],
-            },
-            list_type,
-        )
-        return ImageIndex(manifest, tuple(images), format)
-
-    def tag(self, name: str, target: Image | ImageIndex) -> None:
-        """
-        Name C{target} C{name} in C{index.json}.
-        """
-        self.refs[name] = target.manifest
-        self._write_index()
-
-    def dir_view(self, target: Image | ImageIndex) -> Path:
-        """
-        A C{dir:} transport directory of C{target} (its manifest, the
-        manifests of a list's images, configs and layers), hard links into
-        this layout.  skopeo 1.9 reads only OCI-typed manifests from an OCI
-        layout, while C{dir:} takes any, byte for byte.
-        """
-        view = self.path / "dir" / target.digest.split(":", 1)[1]
-        if view.exists():
-            return view
-        tmp = view.with_name(view.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "version").write_text("Directory Transport Version: 1.1\n")
-        shutil.copyfile(self.blob_path(target.digest), tmp / "manifest.json")
-        images = target.images if isinstance(target, ImageIndex) else (target,)
-        for image in images:
-            if image is not target:
-                hex_digest = image.digest.split(":", 1)[1]
-                os.link(
-                    self.blob_path(image.digest), tmp / f"{hex_digest}.manifest.json"
-                )
-            for blob in (image.config, *image.layers):
-                link = tmp / blob.digest.split(":", 1)[1]
-                if not link.exists():
-                    os.link(self.blob_path(blob.digest), link)
-        tmp.rename(view)
-        return view
-
-    def _write_index(self) -> None:
-        index = {
-            "schemaVersion": 2,
-            "manifests": [
-                blob.descriptor(annotations={REF_NAME: name})
-                for name, blob in sorted(self.refs.items())
-            ],
-        }
-        (self.path / "index.json").write_bytes(canonical_json(index))
-
-
-def os_urandom_hex() -> str:
-    return os.urandom(8).hex()
-
-
 # The upstream registry -------------------------------------------------------
-
-_ACCESS_LINE = re.compile(
-    r'^(?P<remote>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) '
-    r'(?P<uri>\S+) [^"]*" (?P<status>\d{3}) (?P<size>\d+|-)'
-    r'(?: "(?P<referer>[^"]*)" "(?P<agent>[^"]*)")?'
-)
-_BLOB_PATH = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64})$")
-_MANIFEST_PATH = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
-
-
-@dataclass(frozen=True)
-class Access:
-    """
-    One line of the registry's access log (Apache combined format).
-    """
-
-    remote: str
-    method: str
-    path: str
-    query: str
-    status: int
-    size: int
-    agent: str
-
-    @property
-    def blob(self) -> str | None:
-        match = _BLOB_PATH.match(self.path)
-        return match["digest"] if match else None
-
-    @property
-    def manifest(self) -> str | None:
-        match = _MANIFEST_PATH.match(self.path)
-        return match["reference"] if match else None
-
-    @property
-    def repository(self) -> str | None:
-        match = _BLOB_PATH.match(self.path) or _MANIFEST_PATH.match(self.path)
-        return match["name"] if match else None
-
-
-def parse_access_log(text: str) -> list[Access]:
-    entries = []
-    for line in text.splitlines():
-        match = _ACCESS_LINE.match(line)
-        if match is None:
-            continue
-        path, _, query = match["uri"].partition("?")
-        entries.append(
-            Access(
-                match["remote"],
-                match["method"],
-                path,
-                query,
-                int(match["status"]),
-                0 if match["size"] == "-" else int(match["size"]),
-                match["agent"] or "",
-            )
-        )
-    return entries
-
-
-def blob_bytes(entries: Sequence[Access]) -> dict[str, int]:
-    """
-    Bytes of each blob sent by successful GETs (200 and 206).
-    """
-    sent: Counter[str] = Counter()
-    for entry in entries:
-        if entry.method == "GET" and entry.status in (200, 206) and entry.blob:
-            sent[entry.blob] += entry.size
-    return dict(sent)
-
-
-def blob_gets(entries: Sequence[Access]) -> Counter[str]:
-    """
-    How many successful GETs each blob had.
-    """
-    return Counter(
-        entry.blob
-        for entry in entries
-        if entry.method == "GET" and entry.status in (200, 206) and entry.blob
-    )
-
-
-@dataclass
-class Registry:
-    """
-    A running C{docker-registry serve}: plain HTTP on C{host:port}, no
-    auth, storage under C{root}; its access log (one Apache combined line
-    per request, with the bytes sent) is its stdout, in C{access_log}.
-    """
-
-    proc: subprocess.Popen[Any]
-    directory: Path
-    host: str
-    port: int
-    storage: Path
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def access_log(self) -> Path:
-        return self.directory / "access.log"
-
-    @property
-    def error_log(self) -> Path:
-        return self.directory / "registry.log"
-
-    def accesses(self) -> list[Access]:
-        try:
-            return parse_access_log(self.access_log.read_text(errors="replace"))
-        except FileNotFoundError:
-            return []
-
-    def mark(self) -> int:
-        """
-        The number of access-log entries so far: pass it to L{since}.
-        """
-        return len(self.accesses())
-
-    def since(self, mark: int) -> list[Access]:
-        return self.accesses()[mark:]
-
-    def settle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
-        """
-        Wait (bounded) until the access log has not grown for C{quiet}
-        seconds: a line is written once its response is complete, which
-        may be a moment after the client has what it asked for.
-        """
-        deadline = time.monotonic() + timeout
-        last = -1
-        stable_since = time.monotonic()
-        while time.monotonic() < deadline:
-            size = self.access_log.stat().st_size if self.access_log.exists() else 0
-            if size != last:
-                last, stable_since = size, time.monotonic()
-            elif time.monotonic() - stable_since >= quiet:
-                return
-            time.sleep(0.05)
-
-    def blob_bytes(self, mark: int = 0) -> dict[str, int]:
-        return blob_bytes(self.since(mark))
-
-    def blob_gets(self, mark: int = 0) -> Counter[str]:
-        return blob_gets(self.since(mark))
-
-    def manifest(
-        self, name: str, reference: str, accept: str = ACCEPT_ALL
-    ) -> tuple[str, str, bytes]:
-        """
-        GET a manifest: its C{Docker-Content-Digest}, content type and bytes.
-        """
-        request = urllib.request.Request(
-            f"{self.url}/v2/{name}/manifests/{reference}", headers={"Accept": accept}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return (
-                response.headers["Docker-Content-Digest"],
-                response.headers["Content-Type"],
-                response.read(),
-            )
-
-    def stop(self) -> int:
-        return stop_process(self.proc)
-
-
-def registry_config(directory: Path, host: str, port: int, storage: Path) -> str:
-    return (
-        "version: 0.1\n"
-        "log:\n"
-        "  level: info\n"
-        "  accesslog:\n"
-        "    disabled: false\n"
-        "storage:\n"
-        "  filesystem:\n"
-        f"    rootdirectory: {storage}\n"
-        "  delete:\n"
-        "    enabled: true\n"
-        "  redirect:\n"
-        "    disable: true\n"
-        "http:\n"
-        f"  addr: {host}:{port}\n"
-        "  headers:\n"
-        "    X-Content-Type-Options: [nosniff]\n"
-    )
 
 
 def start_registry(
@@ -785,46 +241,13 @@ def start_registry(
     storage: Path | None = None,
 ) -> Registry:
     """
-    Start C{docker-registry serve} on a free port of C{host} (loopback),
-    waited for until C{/v2/} answers.  Its storage is C{directory/storage},
-    or C{storage} (e.g. another registry's L{Registry.storage}, to serve the
-    same images on another address, with an access log of its own).
+    L{dragonfly.devtools.registry.start_registry}, skipped when
+    C{docker-registry} is missing, its process tracked by C{processes}.
     """
-    binary = require_tool("docker-registry")
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port(host)
-    config = directory / "config.yml"
-    config.write_text(
-        registry_config(directory, host, port, storage or directory / "storage")
+    require_tool("docker-registry")
+    return _registry.start_registry(
+        directory, host, storage=storage, popen=processes.popen
     )
-    with (
-        open(directory / "access.log", "wb") as out,
-        open(directory / "registry.log", "wb") as err,
-    ):
-        proc = processes.popen(
-            [binary, "serve", str(config)], stdout=out, stderr=err, cwd=directory
-        )
-    registry = Registry(proc, directory, host, port, storage or directory / "storage")
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"docker-registry exited with {proc.returncode}:\n"
-                + tail(registry.error_log)
-            )
-        try:
-            with urllib.request.urlopen(f"{registry.url}/v2/", timeout=2) as r:
-                if r.status == 200:
-                    return registry
-        except (OSError, urllib.error.URLError):
-            pass
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            raise AssertionError(
-                f"docker-registry did not answer on {registry.url}:\n"
-                + tail(registry.error_log)
-            )
-        time.sleep(0.1)
 
 
 def push(
@@ -837,37 +260,10 @@ def push(
     timeout: float = PULL_TIMEOUT,
 ) -> str:
     """
-    Push C{target} (tagged C{tag} in C{layout}) to C{registry} as
-    C{repository:tag} with C{skopeo copy --all --preserve-digests}, and check
-    that the registry now serves exactly that manifest.  Returns the
-    reference C{HOST:PORT/REPOSITORY:TAG}.
+    L{dragonfly.devtools.registry.push}, skipped when skopeo is missing.
     """
-    skopeo = require_tool("skopeo")
-    layout.tag(tag, target)
-    source = f"dir:{layout.dir_view(target)}"
-    destination = f"{registry.address}/{repository}:{tag}"
-    run(
-        [
-            skopeo,
-            "--insecure-policy",
-            "copy",
-            "--all",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            source,
-            f"docker://{destination}",
-        ],
-        timeout=timeout,
-        env=client_env(layout.path),
-    )
-    digest, content_type, _ = registry.manifest(repository, tag)
-    assert (digest, content_type) == (target.digest, target.manifest.media_type), (
-        "the registry does not serve the manifest that was built",
-        digest,
-        content_type,
-        target.manifest,
-    )
-    return destination
+    require_tool("skopeo")
+    return _registry.push(layout, tag, registry, repository, target, timeout=timeout)
 
 
 # What a client pulled -------------------------------------------------------
@@ -1357,49 +753,6 @@ def start_containerd(
 # podman and skopeo (no daemons) ----------------------------------------------
 
 
-def write_registries_conf(
-    path: Path, mirror: str, *, prefix: str = "docker.io", insecure: bool = True
-) -> Path:
-    """
-    A containers-registries.conf(5) mirroring C{prefix} to C{mirror}
-    (C{HOST:PORT}, plain HTTP when C{insecure}), with no unqualified-search
-    registries and no mirror-by-digest-only restriction.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "unqualified-search-registries = []\n"
-        'short-name-mode = "disabled"\n'
-        "\n"
-        "[[registry]]\n"
-        f'prefix = "{prefix}"\n'
-        f'location = "{prefix}"\n'
-        "\n"
-        "[[registry.mirror]]\n"
-        f'location = "{mirror}"\n'
-        f"insecure = {'true' if insecure else 'false'}\n"
-    )
-    return path
-
-
-def containers_env(directory: Path, registries_conf: Path) -> dict[str, str]:
-    """
-    The environment for podman and skopeo: our registries.conf and no other
-    (C{CONTAINERS_REGISTRIES_CONF}; the drop-in directory is left empty).
-    """
-    env = client_env(directory)
-    env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
-    conf = directory / "containers.conf"
-    if not conf.exists():
-        conf.write_text(
-            "[engine]\n"
-            'events_logger = "file"\n'
-            f'events_logfile_path = "{directory / "events.log"}"\n'
-            'cgroup_manager = "cgroupfs"\n'
-        )
-    env["CONTAINERS_CONF"] = str(conf)
-    return env
-
-
 @dataclass
 class Podman:
     """
@@ -1505,52 +858,21 @@ def skopeo_pull(
 ) -> Pulled:
     """
     C{skopeo copy docker://REFERENCE dir:DIRECTORY/image} through C{mirror}
-    (C{HOST:PORT}, plain HTTP, from registries.conf), picking
-    C{architecture} from a list.  The manifest is kept as it was served,
-    and every blob's sha256 is checked against its name.
+    (L{dragonfly.devtools.registry.skopeo_pull}: every blob's sha256 is
+    checked against its name), as a L{Pulled}.
     """
-    skopeo = require_tool("skopeo")
-    directory.mkdir(parents=True, exist_ok=True)
-    conf = write_registries_conf(directory / "registries.conf", mirror)
-    env = containers_env(directory, conf)
-    target = directory / "image"
-    remove_tree(target)
-    started = time.monotonic()
-    run(
-        [
-            skopeo,
-            "--insecure-policy",
-            "--registries-conf",
-            str(conf),
-            "--override-arch",
-            architecture,
-            "--override-os",
-            "linux",
-            "copy",
-            f"docker://{reference}",
-            f"dir:{target}",
-        ],
-        timeout=timeout,
-        env=env,
+    require_tool("skopeo")
+    pulled = _registry.skopeo_pull(
+        reference, directory, mirror, architecture=architecture, timeout=timeout
     )
-    seconds = time.monotonic() - started
-    manifest_bytes = (target / "manifest.json").read_bytes()
-    manifest = json.loads(manifest_bytes)
-    content = {digest_of(manifest_bytes)}
-    for blob in target.iterdir():
-        if re.fullmatch(r"[0-9a-f]{64}", blob.name):
-            digest = file_digest(blob)
-            assert digest == "sha256:" + blob.name, (blob, digest)
-            content.add(digest)
-    layers = [layer["digest"] for layer in manifest["layers"]]
     return Pulled(
         "skopeo",
         reference,
         None,
-        manifest["config"]["digest"],
-        layers,
-        content=content,
-        seconds=seconds,
+        pulled.config_digest,
+        pulled.layers,
+        content=pulled.content,
+        seconds=pulled.seconds,
     )
 
 
@@ -1559,24 +881,5 @@ def skopeo_inspect_raw(reference: str, directory: Path, mirror: str) -> bytes:
     C{skopeo inspect --raw docker://REFERENCE} through C{mirror}: the
     manifest bytes as served.
     """
-    skopeo = require_tool("skopeo")
-    directory.mkdir(parents=True, exist_ok=True)
-    conf = write_registries_conf(directory / "registries.conf", mirror)
-    result = subprocess.run(
-        [
-            skopeo,
-            "--insecure-policy",
-            "--registries-conf",
-            str(conf),
-            "inspect",
-            "--raw",
-            f"docker://{reference}",
-        ],
-        env=containers_env(directory, conf),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
+    require_tool("skopeo")
+    return _registry.skopeo_inspect_raw(reference, directory, mirror)
