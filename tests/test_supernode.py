@@ -928,6 +928,38 @@ async def test_digest_task_cache_is_trusted_by_a_new_supernode(
 
 
 @pytest_twisted.ensureDeferred
+async def test_damaged_cache_piece_is_fetched_again_never_served(
+    source: Source, make_supernode: Callable[..., Supernode]
+) -> None:
+    """
+    A cached piece damaged on disk while the supernode was down is found
+    when a new supernode takes the cache over (its bytes no longer have the
+    recorded sha256): the piece is not held, the file is fetched again, and
+    every piece then served has the right bytes.
+    """
+    body = body_of(3 * PIECE + 5)
+    task_id = await _cache_digest_task(source, make_supernode, body)
+    second = make_supernode()
+    data = second.store.path_for(task_id)
+    with data.open("r+b") as cache:
+        cache.seek(PIECE + 10)
+        cache.write(b"\xff" * 16)
+    reply = await bounded(
+        second.register(registration(source.url("a.bin"), digest="sha256:" + sha(body)))
+    )
+    assert reply["task_id"] == task_id
+    await wait_status(second, task_id, TaskStatus.DONE)
+    assert len(source.requests("a.bin")) == 2
+    assert data.read_bytes() == body
+    for piece, digest in piece_digests(body).items():
+        reader = second.store.open_piece(task_id, piece)
+        try:
+            assert sha(reader.read(0, PIECE)) == digest
+        finally:
+            reader.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_digest_task_cache_is_trusted_whatever_the_url(
     source: Source, make_supernode: Callable[..., Supernode]
 ) -> None:

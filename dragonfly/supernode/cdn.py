@@ -311,7 +311,7 @@ class CdnFetch:
                 await self._stream(response)
                 await self._finish()
                 return True
-        self._adopt(cached)
+        await self._adopt(cached)
         if cached.complete:
             self._log.info("reusing cached {task_id}", task_id=task.task_id)
             task.file_sha256 = cached.file_sha256
@@ -339,12 +339,27 @@ class CdnFetch:
         self._next_piece = prefix
         return False
 
-    def _adopt(self, cached: CacheMeta) -> None:
+    async def _adopt(self, cached: CacheMeta) -> None:
+        """
+        Take the cached pieces whose bytes on disk still have their recorded
+        sha256; a damaged piece is dropped (and the cache no longer counts
+        as complete), so it is fetched again rather than ever served.
+        """
         task = self.task
         task.piece_size = cached.piece_size
         task.length = cached.length
-        self._meta = cached
         self._file = self._store.open(task.task_id, task.piece_size, task.length)
+        damaged = await self._store.in_thread(_damaged, self._file, cached.pieces)
+        if damaged:
+            self._log.warn(
+                "cache of {task_id} is damaged in pieces {pieces}; fetching again",
+                task_id=task.task_id,
+                pieces=damaged,
+            )
+            for piece in damaged:
+                del cached.pieces[piece]
+            cached.complete = False
+        self._meta = cached
         task.pieces.update(cached.pieces)
         self._file.held.update(cached.pieces)
         self._on_progress()
@@ -619,6 +634,24 @@ def _hash_and_write(
     file_hash.update(data)
     task_file.write_at(piece * task_file.piece_size, data)
     return sha256
+
+
+def _damaged(task_file: TaskFile, pieces: dict[int, str]) -> list[int]:
+    """
+    The pieces whose bytes on disk do not have their recorded sha256 (or are
+    missing).  Runs on a thread.
+    """
+    damaged = []
+    for piece, sha256 in sorted(pieces.items()):
+        try:
+            offset, size = task_file.bounds(piece)
+            actual = task_file.hash_range(offset, offset + size)
+        except (OSError, ValueError):
+            damaged.append(piece)
+            continue
+        if actual != sha256:
+            damaged.append(piece)
+    return damaged
 
 
 def _hash_prefix(task_file: TaskFile, end: int) -> Any:
