@@ -7,7 +7,55 @@ from typing import Any
 from treq.client import HTTPClient
 from treq.content import collect
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
+
+# Headers that concern one connection, never passed on (RFC 9110, 7.6.1);
+# Host is the next hop's business too.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+    }
+)
+
+
+def end_to_end_headers(
+    headers: Headers, drop: frozenset[bytes] = frozenset()
+) -> Headers:
+    """
+    The headers to pass on: all but the hop-by-hop ones, those that
+    C{Connection} names, and C{drop} (lower-case names).
+    """
+    listed = {
+        token.strip().lower().encode("latin-1")
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.decode("latin-1").split(",")
+    }
+    kept = Headers()
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered not in HOP_BY_HOP and lowered not in listed and lowered not in drop:
+            kept.setRawHeaders(name, list(values))
+    return kept
+
+
+def as_text(headers: Headers) -> dict[str, list[str]]:
+    """
+    Headers as the JSON-able mapping the supernode's API and the engine take.
+    """
+    return {
+        name.decode("latin-1"): [v.decode("latin-1") for v in values]
+        for name, values in headers.getAllRawHeaders()
+    }
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

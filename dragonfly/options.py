@@ -7,8 +7,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
+from dragonfly.tls import TLSConfig, TLSConfigError
 from dragonfly.units import parse_duration, parse_size
 
 
@@ -79,3 +81,22 @@ TLS_PARAMETERS = [
     ["tls-key", None, "", "PEM private key of --tls-cert."],
     ["tls-ca", None, "", "PEM CA: require and verify peer certificates (mutual TLS)."],
 ]
+
+
+def tls_from_options(options: "usage.Options") -> TLSConfig | None:
+    """
+    The TLS configuration the C{--tls-*} flags name, if any.
+
+    @raise usage.UsageError: if a file cannot be used.
+    """
+    if not options["tls-cert"]:
+        return None
+    try:
+        tls = TLSConfig.load(options["tls-cert"], options["tls-key"], options["tls-ca"])
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    if not tls.mutual:
+        Logger().warn(
+            "TLS without --tls-ca: traffic is encrypted, peers are not authenticated"
+        )
+    return tls

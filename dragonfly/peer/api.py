@@ -18,22 +18,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.static import Data, NoRangeStaticProducer
 
+from dragonfly.http import as_text, end_to_end_headers
 from dragonfly.jsonapi import ApiError, JsonApi
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
 from dragonfly.tasks import InvalidRequest, check_digest, check_url
 
-_HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailers",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-    b"content-length",
-}
 _STATUS_OF = {
     "source": 502,
     "digest": 502,
@@ -61,10 +50,9 @@ class PeerApi(JsonApi):
                 check_digest(digest)
         except InvalidRequest as e:
             raise ApiError(400, "bad_request", str(e)) from e
-        headers: dict[str, list[str]] = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in _HOP_BY_HOP:
-                headers[name.decode("latin-1")] = [v.decode("latin-1") for v in values]
+        headers = as_text(
+            end_to_end_headers(request.requestHeaders, frozenset({b"content-length"}))
+        )
         try:
             result = await self.engine.download(
                 DownloadRequest(url=url, headers=headers, digest=digest)

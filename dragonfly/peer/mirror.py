@@ -42,7 +42,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from dragonfly.http import read_bounded
+from dragonfly.http import (
+    HOP_BY_HOP,
+    as_text,
+    end_to_end_headers,
+    read_bounded,
+)
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
 from dragonfly.tasks import task_id_for
 
@@ -54,17 +59,6 @@ _PATH = re.compile(
     rf"^/v2/(?:(?P<name>{_NAME})/(?:manifests|blobs|tags|referrers)/[A-Za-z0-9_][A-Za-z0-9_.:+-]*"
     rf"|(?P<name2>{_NAME})/tags/list)?/?$"
 )
-_HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-}
 _CHUNK = 256 * 1024
 # containerd names Docker Hub "docker.io"; the registry answers at these.
 _HUB_HOSTS = {"registry-1.docker.io", "index.docker.io"}
@@ -157,25 +151,11 @@ class _Flow:
 
 def client_headers(request: Request) -> Headers:
     """
-    The request's headers to send upstream: all but the hop-by-hop ones.
+    The request's headers to send upstream.
     """
-    headers = Headers()
-    # Headers named in Connection are hop-by-hop too (RFC 9110, 7.6.1).
-    listed = {
-        token.strip().lower().encode("latin-1")
-        for value in request.requestHeaders.getRawHeaders(b"connection", [])
-        for token in value.decode("latin-1").split(",")
-    }
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        lowered = name.lower()
-        if (
-            lowered in _HOP_BY_HOP
-            or lowered in listed
-            or lowered == b"x-dragonfly-registry"
-        ):
-            continue
-        headers.setRawHeaders(name, list(values))
-    return headers
+    return end_to_end_headers(
+        request.requestHeaders, frozenset({b"x-dragonfly-registry"})
+    )
 
 
 async def forward(
@@ -205,7 +185,7 @@ async def forward(
         return
     request.setResponseCode(response.code)
     for name, values in response.headers.getAllRawHeaders():
-        if name.lower() not in _HOP_BY_HOP:
+        if name.lower() not in HOP_BY_HOP:
             request.responseHeaders.setRawHeaders(name, list(values))
     if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
         # Twisted's client takes Content-Length out of the headers (a
@@ -606,11 +586,9 @@ class ForwardProxy(Resource):
     async def _through_swarm(
         self, request: Request, url: str, headers: Headers
     ) -> None:
-        sent = {
-            name.decode("latin-1"): [v.decode("latin-1") for v in values]
-            for name, values in headers.getAllRawHeaders()
-            if name.lower() not in (b"range", b"accept-encoding")
-        }
+        sent = as_text(
+            end_to_end_headers(headers, frozenset({b"range", b"accept-encoding"}))
+        )
         result = self._engine.download(DownloadRequest(url=url, headers=sent))
         progress = self._engine.progress_of(task_id_for(url))
         try:

@@ -25,6 +25,7 @@ from dragonfly.options import (
     ip_address,
     port_number,
     size_option,
+    tls_from_options,
 )
 from dragonfly.peer.api import root
 from dragonfly.peer.mirror import ForwardProxy, MirrorSite, RegistryMirror
@@ -217,19 +218,7 @@ class _PeerService(Service):
 
 
 def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]:
-    tls = None
-    if options["tls-cert"]:
-        try:
-            tls = TLSConfig.load(
-                options["tls-cert"], options["tls-key"], options["tls-ca"]
-            )
-        except TLSConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        if not tls.mutual:
-            Logger().warn(
-                "TLS without --tls-ca: traffic is encrypted, "
-                "peers are not authenticated"
-            )
+    tls = tls_from_options(options)
     home = Path(options["home"])
     observer, _ = open_client_log(home, make_sign())
     node = PeerNode(

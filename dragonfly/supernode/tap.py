@@ -8,7 +8,6 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
-from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -22,6 +21,7 @@ from dragonfly.options import (
     ip_address,
     port_number,
     size_option,
+    tls_from_options,
 )
 from dragonfly.piece_protocol import Identity, PieceServerFactory
 from dragonfly.supernode.api import root
@@ -29,7 +29,7 @@ from dragonfly.supernode.scheduler import Limits
 from dragonfly.supernode.service import Settings, Supernode
 from dragonfly.supernode.state import InMemorySwarmState
 from dragonfly.tasks import MAX_PIECE_SIZE
-from dragonfly.tls import TLSConfig, TLSConfigError
+from dragonfly.tls import TLSConfig
 
 
 class Options(usage.Options):
@@ -160,19 +160,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
     """
     Compose the supernode's services from parsed options.
     """
-    tls = None
-    if options["tls-cert"]:
-        try:
-            tls = TLSConfig.load(
-                options["tls-cert"], options["tls-key"], options["tls-ca"]
-            )
-        except TLSConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        if not tls.mutual:
-            Logger().warn(
-                "TLS without --tls-ca: traffic is encrypted, "
-                "peers are not authenticated"
-            )
+    tls = tls_from_options(options)
     settings = Settings(
         advertise_ip=options["advertise-ip"],
         download_port=options["download-port"],
