@@ -184,6 +184,13 @@ def parser() -> argparse.ArgumentParser:
         "still download, at most this long (default 60s; 0: exit at once)",
     )
     p.add_argument(
+        "--stall-timeout",
+        type=_typed(parse_duration, "duration"),
+        default=15.0,
+        help="move a piece to another node when its node sends nothing for "
+        "this long (default 15s)",
+    )
+    p.add_argument(
         "--tls-cert", default="", help="PEM certificate for TLS piece transfers"
     )
     p.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
@@ -320,6 +327,7 @@ async def _download(
                 tls=args.tls,
                 total_limit=args.totallimit,
                 upload_limit=args.uploadlimit,
+                stall_timeout=args.stall_timeout,
             ),
             piece_log=observer,
         )

@@ -1,0 +1,140 @@
+"""
+Peers that fail while they serve, with real daemons on loopback: killed,
+serving corrupted data, or stalled.  Every download must still end whole and
+right, within a bounded time.
+"""
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from loopback import (
+    Daemon,
+    Dfget,
+    DfgetRun,
+    Processes,
+    SourceServer,
+    http_get,
+    piece_lines,
+    sha256_of,
+    start_dfpeer,
+    start_supernode,
+)
+
+MIB = 1 << 20
+PIECE = 4 * MIB
+SIZE = 6 * PIECE  # six pieces, all held by the serving dfpeer
+SUCCESS, FAILED = 503, 500
+
+pytestmark = pytest.mark.loopback
+
+
+def _seeded_dfpeer(
+    processes: Processes, work: Path, source: SourceServer, node: str
+) -> tuple[Daemon, str, str]:
+    """
+    A dfpeer on 127.0.0.2 holding the whole file; returns it, its peer id
+    and the file's URL.
+    """
+    source.add_file("file.bin", SIZE)
+    peer = start_dfpeer(processes, work / "dfpeer", node, ip="127.0.0.2")
+    url = source.url("file.bin")
+    status, _, body = http_get(peer.url(f"/api/v1/files?url={url}"), timeout=60)
+    assert status == 200 and len(body) == SIZE
+    return peer, peer.get_json("/api/v1/tasks")["peer_id"], url
+
+
+def _wait_for_piece_from(run: DfgetRun, peer_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(
+            p["dstCid"] == peer_id and p["result"] == SUCCESS
+            for p in piece_lines(run.home)
+        ):
+            return
+        if run.proc.poll() is not None:
+            pytest.fail("dfget ended before taking a piece from the dfpeer")
+        time.sleep(0.05)
+    pytest.fail(f"no piece from {peer_id} within {timeout}s")
+
+
+def _whole_and_right(run: DfgetRun, source: SourceServer, timeout: float) -> list[dict]:
+    result = run.finish(timeout)
+    assert result.code == 0, result.stderr
+    expected = hashlib.sha256((source.root / "file.bin").read_bytes()).hexdigest()
+    assert sha256_of(result.output) == expected
+    assert "back to source" not in result.stdout, result.stdout
+    return piece_lines(run.home)
+
+
+def test_a_serving_peer_killed_mid_transfer(
+    processes: Processes, work: Path, source: SourceServer, dfget: Dfget
+) -> None:
+    """
+    A dfpeer serving a (rate-limited) download is SIGKILLed after the first
+    piece: the pieces it had in flight fail, the downloader reports them and
+    gets them from the supernode, and the file ends whole and right.
+    """
+    supernode = start_supernode(processes, work / "supernode")
+    peer, peer_id, url = _seeded_dfpeer(processes, work, source, supernode.node)
+    run = dfget.start(url, node=supernode.node, ip="127.0.0.3", extra=["-s", "6M"])
+    _wait_for_piece_from(run, peer_id)
+    peer.proc.send_signal(signal.SIGKILL)
+    lines = _whole_and_right(run, source, timeout=60)
+    assert any(p["dstCid"] == peer_id and p["result"] == FAILED for p in lines), lines
+    assert any(p["dstCid"].startswith("cdnnode:") for p in lines), lines
+
+
+def test_a_peer_serving_corrupted_pieces_is_banned(
+    processes: Processes, work: Path, source: SourceServer, dfget: Dfget
+) -> None:
+    """
+    A dfpeer whose data went bad on disk serves pieces that fail their
+    sha256: the downloader rejects every one, reports it, the supernode bans
+    that peer for the task, and the download finishes right from the
+    supernode.
+    """
+    supernode = start_supernode(processes, work / "supernode")
+    peer, peer_id, url = _seeded_dfpeer(processes, work, source, supernode.node)
+    (data,) = [p for p in (peer.home / "data").rglob("*") if p.is_file()]
+    with data.open("r+b") as held:
+        for piece in range(SIZE // PIECE):
+            held.seek(piece * PIECE + 100)
+            held.write(os.urandom(64))
+    run = dfget.start(url, node=supernode.node, ip="127.0.0.3")
+    lines = _whole_and_right(run, source, timeout=60)
+    from_peer = [p for p in lines if p["dstCid"] == peer_id]
+    assert from_peer and all(p["result"] == FAILED for p in from_peer), lines
+    (task,) = supernode.get_json("/api/v1/tasks")["tasks"]
+    assert peer_id in task["banned"]
+
+
+def test_a_stalled_peer_is_left_for_another_within_the_stall_timeout(
+    processes: Processes, work: Path, source: SourceServer, dfget: Dfget
+) -> None:
+    """
+    A dfpeer that stops sending in the middle (SIGSTOP: its connections stay
+    open, nothing moves) holds up the downloader no longer than its stall
+    timeout: the stalled pieces move to the supernode and the download ends
+    right, well before the default timeouts.
+    """
+    supernode = start_supernode(processes, work / "supernode")
+    peer, peer_id, url = _seeded_dfpeer(processes, work, source, supernode.node)
+    run = dfget.start(
+        url,
+        node=supernode.node,
+        ip="127.0.0.3",
+        extra=["-s", "6M", "--stall-timeout", "2s"],
+    )
+    _wait_for_piece_from(run, peer_id)
+    stopped = time.monotonic()
+    peer.proc.send_signal(signal.SIGSTOP)
+    try:
+        lines = _whole_and_right(run, source, timeout=60)
+        assert time.monotonic() - stopped < 30
+    finally:
+        peer.proc.send_signal(signal.SIGCONT)
+    assert any(p["dstCid"].startswith("cdnnode:") for p in lines), lines
