@@ -7,7 +7,10 @@ right, within a bounded time.
 import hashlib
 import os
 import signal
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,134 @@ def test_a_stalled_peer_is_left_for_another_within_the_stall_timeout(
     finally:
         peer.proc.send_signal(signal.SIGCONT)
     assert any(p["dstCid"].startswith("cdnnode:") for p in lines), lines
+
+
+@pytest.fixture
+def small_disk(work: Path) -> Iterator[Path]:
+    """
+    An 8 MiB tmpfs mounted for the test (root only), unmounted afterwards.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = work / "small-disk"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+        check=True,
+        timeout=10,
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=10)
+
+
+def _used(mount: Path) -> int:
+    stat = os.statvfs(mount)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_a_full_disk_in_the_peer_home_is_a_clear_error(
+    processes: Processes,
+    work: Path,
+    source: SourceServer,
+    dfget: Dfget,
+    small_disk: Path,
+) -> None:
+    """
+    A dfget whose home cannot hold the file exits 7 with a no-space message,
+    leaves no output, and gives the space back; the same download with a
+    roomy home then succeeds against the same supernode.
+    """
+    source.add_file("file.bin", SIZE)
+    supernode = start_supernode(processes, work / "supernode")
+    url = source.url("file.bin")
+    run = dfget.start(
+        url, node=supernode.node, ip="127.0.0.3", extra=["--home", str(small_disk)]
+    )
+    result = run.finish(60)
+    assert result.code == 7, (result.stdout, result.stderr)
+    assert "No space left" in result.stderr, result.stderr
+    assert not result.output.exists()
+    assert _used(small_disk) < 1 * MIB
+    retry = dfget.start(url, node=supernode.node, ip="127.0.0.3")
+    _whole_and_right(retry, source, timeout=60)
+
+
+def test_a_full_supernode_cache_fails_the_task_not_the_daemon(
+    processes: Processes,
+    work: Path,
+    source: SourceServer,
+    dfget: Dfget,
+    small_disk: Path,
+) -> None:
+    """
+    A supernode whose cache disk fills up fails that task with a clear
+    error (a --notbs download exits 6 saying so), deletes the partial cache,
+    and goes on serving: a file that fits is then distributed normally.
+    """
+    source.add_file("file.bin", SIZE)
+    small = source.add_file("small.bin", 3 * MIB)
+    supernode = start_supernode(processes, small_disk / "supernode")
+    run = dfget.start(
+        source.url("file.bin"), node=supernode.node, ip="127.0.0.3", extra=["--notbs"]
+    )
+    result = run.finish(60)
+    assert result.code == 6, (result.stdout, result.stderr)
+    assert "No space left" in result.stderr, result.stderr
+    assert not result.output.exists()
+    assert _used(small_disk) < 2 * MIB
+    other = dfget.start(
+        source.url("small.bin"), node=supernode.node, ip="127.0.0.3", extra=["--notbs"]
+    )
+    done = other.finish(60)
+    assert done.code == 0, done.stderr
+    assert sha256_of(done.output) == small.sha256
+
+
+def test_sigterm_of_dfpeer_during_a_pull_ends_it_and_restarts_clean(
+    processes: Processes, work: Path, source: SourceServer
+) -> None:
+    """
+    SIGTERM to a dfpeer while a local program waits for a (slow) download
+    through it: the program gets an error promptly, not a hang; the dfpeer
+    exits cleanly, and one started again on the same home serves the file.
+    """
+    source.add_file("file.bin", SIZE)
+    supernode = start_supernode(processes, work / "supernode")
+    url = source.url("file.bin")
+    peer = start_dfpeer(
+        processes,
+        work / "dfpeer",
+        supernode.node,
+        ip="127.0.0.2",
+        extra=["--totallimit", "2M"],
+    )
+    outcome: list[object] = []
+
+    def pull() -> None:
+        try:
+            outcome.append(http_get(peer.url(f"/api/v1/files?url={url}"), timeout=60))
+        except Exception as e:
+            outcome.append(e)
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    time.sleep(1.5)
+    asked = time.monotonic()
+    assert peer.stop() in (0, -signal.SIGTERM)
+    puller.join(timeout=30)
+    assert not puller.is_alive()
+    assert time.monotonic() - asked < 20
+    (answer,) = outcome
+    assert isinstance(answer, Exception) or answer[0] >= 500, answer
+
+    again = start_dfpeer(
+        processes, work / "dfpeer-again", supernode.node, ip="127.0.0.2"
+    )
+    status, _, body = http_get(again.url(f"/api/v1/files?url={url}"), timeout=60)
+    assert status == 200
+    assert (
+        hashlib.sha256(body).hexdigest()
+        == hashlib.sha256((source.root / "file.bin").read_bytes()).hexdigest()
+    )
