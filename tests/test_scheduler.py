@@ -37,13 +37,20 @@ def make_swarm(pieces: int = 4, peers: tuple[str, ...] = ("a", "b", "c", "r")) -
 
 
 def hold(swarm: Swarm, peer: str, *pieces: int) -> None:
-    swarm.holdings.setdefault(peer, set()).update(pieces)
+    swarm.holdings.setdefault(peer, set())
+    for piece in pieces:
+        swarm.hold(peer, piece)
 
 
 def lease(
     swarm: Swarm, requester: str, piece: int, source: str, expires: float
 ) -> None:
-    swarm.leases[(requester, piece)] = Lease(source, expires)
+    swarm.add_lease(requester, piece, Lease(source, expires))
+
+
+def drop_leases(swarm: Swarm) -> None:
+    for requester, piece in list(swarm.leases):
+        swarm.drop_lease(requester, piece)
 
 
 def run(
@@ -275,7 +282,7 @@ def test_source_banned_after_ban_after_failures() -> None:
     record_failed(swarm, "t", 0, "a", False, limits)
     assert "a" in swarm.banned
     assert "a" not in swarm.holdings
-    swarm.leases.clear()
+    drop_leases(swarm)
     hold(swarm, "a", 0)  # a banned peer reporting again is still not a source
     assert run(swarm, "u") == [Assignment(0, SUPERNODE)]
 
@@ -318,7 +325,8 @@ def test_failing_requester_gets_everything_from_supernode() -> None:
     lease(swarm, "x", 2, SUPERNODE, 100)
     swarm.requester_failures["r"] = 8
     assert {a.source for a in run(swarm, limits=limits)} == {"a"}
-    swarm.leases = {("x", 2): Lease(SUPERNODE, 100)}
+    drop_leases(swarm)
+    lease(swarm, "x", 2, SUPERNODE, 100)
     swarm.requester_failures["r"] = 9
     assert run(swarm, limits=limits) == [
         Assignment(2, SUPERNODE),

@@ -21,6 +21,7 @@ The function is pure: it reads a L{Swarm}, returns the assignments and
 records their leases, and never waits.
 """
 
+import heapq
 import random
 from dataclasses import dataclass
 
@@ -43,9 +44,46 @@ class Assignment:
 
 
 def expire_leases(swarm: Swarm, now: float) -> None:
-    for key, lease in list(swarm.leases.items()):
-        if lease.expires <= now:
-            del swarm.leases[key]
+    expiries = swarm.expiries
+    while expiries and expiries[0][0] <= now:
+        _, requester, piece = heapq.heappop(expiries)
+        lease = swarm.leases.get((requester, piece))
+        # A lease renewed since this entry was pushed has a later one.
+        if lease is not None and lease.expires <= now:
+            swarm.drop_lease(requester, piece)
+
+
+SAMPLE = 16
+
+
+def _least_loaded(
+    holders: dict[str, None],
+    refused: set[str],
+    load: dict[str, int],
+    limits: Limits,
+    rng: random.Random,
+) -> str | None:
+    """
+    The least loaded usable holder among at most L{SAMPLE} drawn at random
+    (ties broken at random), or C{None} when none of those is usable.
+
+    Looking at a random few rather than at every holder ("power of k
+    choices") balances the load about as well, and keeps a call's cost
+    independent of the swarm's size: a piece of a thousand-peer swarm has
+    a thousand holders.
+    """
+    pool = list(holders)
+    if len(pool) > SAMPLE:
+        pool = rng.sample(pool, SAMPLE)
+    usable = [
+        h
+        for h in pool
+        if h not in refused and load.get(h, 0) < limits.peer_upload_limit
+    ]
+    if not usable:
+        return None
+    least = min(load.get(h, 0) for h in usable)
+    return rng.choice([h for h in usable if load.get(h, 0) == least])
 
 
 def schedule(
@@ -63,22 +101,10 @@ def schedule(
     if want <= 0:
         return []
     have = swarm.holdings.get(requester, set())
-    load: dict[str, int] = {}
-    in_flight: dict[int, int] = {}
-    mine: set[int] = set()
-    for (dst, piece), lease in swarm.leases.items():
-        load[lease.source] = load.get(lease.source, 0) + 1
-        in_flight[piece] = in_flight.get(piece, 0) + 1
-        if dst == requester:
-            mine.add(piece)
-
+    mine = swarm.leased.get(requester, set())
+    load = swarm.load
     refused = swarm.banned | swarm.blacklist.get(requester, set()) | {requester}
-    holders: dict[int, list[str]] = {}
-    for peer_id, pieces in swarm.holdings.items():
-        if peer_id in swarm.banned or peer_id not in swarm.peers:
-            continue
-        for piece in pieces:
-            holders.setdefault(piece, []).append(peer_id)
+    holders = swarm.holders
     only_supernode = (
         swarm.requester_failures.get(requester, 0) > limits.requester_failure_limit
     )
@@ -90,27 +116,20 @@ def schedule(
     for piece in candidates:
         if len(chosen) >= want:
             break
-        piece_holders = holders.get(piece, [])
-        usable = [
-            h
-            for h in piece_holders
-            if h not in refused and load.get(h, 0) < limits.peer_upload_limit
-        ]
-        if usable and not only_supernode:
-            least = min(load.get(h, 0) for h in usable)
-            source = rng.choice([h for h in usable if load.get(h, 0) == least])
-        elif only_supernode or (
-            not any(h not in refused for h in piece_holders)
-            and not in_flight.get(piece)
-        ):
-            if load.get(SUPERNODE, 0) >= limits.supernode_upload_limit:
+        piece_holders = holders.get(piece, {})
+        source = None
+        if not only_supernode and piece_holders:
+            source = _least_loaded(piece_holders, refused, load, limits, rng)
+        if source is None:
+            if only_supernode or (
+                piece_holders.keys() <= refused and not swarm.in_flight.get(piece)
+            ):
+                if load.get(SUPERNODE, 0) >= limits.supernode_upload_limit:
+                    continue
+                source = SUPERNODE
+            else:
                 continue
-            source = SUPERNODE
-        else:
-            continue
-        load[source] = load.get(source, 0) + 1
-        in_flight[piece] = in_flight.get(piece, 0) + 1
-        swarm.leases[(requester, piece)] = Lease(source, now + limits.lease_seconds)
+        swarm.add_lease(requester, piece, Lease(source, now + limits.lease_seconds))
         chosen.append(Assignment(piece, source))
     return chosen
 
@@ -119,12 +138,12 @@ def record_finished(swarm: Swarm, peer_id: str, pieces: list[int]) -> None:
     """
     A peer verified and holds C{pieces}; their leases are done.
     """
-    held = swarm.holdings.setdefault(peer_id, set())
+    swarm.holdings.setdefault(peer_id, set())
     for piece in pieces:
         if piece not in swarm.task.pieces:
             continue
-        held.add(piece)
-        lease = swarm.leases.pop((peer_id, piece), None)
+        swarm.hold(peer_id, piece)
+        lease = swarm.drop_lease(peer_id, piece)
         if lease is not None:
             swarm.served[lease.source] = swarm.served.get(lease.source, 0) + 1
             swarm.failures.pop(lease.source, None)
@@ -141,7 +160,7 @@ def record_failed(
     served bad data, or whose pieces failed C{ban_after_failures} times (for
     one requester or several), is banned from the task for everyone.
     """
-    swarm.leases.pop((peer_id, piece), None)
+    swarm.drop_lease(peer_id, piece)
     swarm.requester_failures[peer_id] = swarm.requester_failures.get(peer_id, 0) + 1
     if source == SUPERNODE:
         return
@@ -150,4 +169,4 @@ def record_failed(
     swarm.failures[source] = count
     if bad_data or count >= limits.ban_after_failures:
         swarm.banned.add(source)
-        swarm.holdings.pop(source, None)
+        swarm.forget_holdings(source)

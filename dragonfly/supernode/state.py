@@ -11,6 +11,7 @@ take-change-put atomic per task; the interface is asynchronous for that
 reason.
 """
 
+import heapq
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -78,6 +79,12 @@ class Lease:
 class Swarm:
     """
     The scheduling state of one task.
+
+    C{holders}, C{load}, C{in_flight}, C{leased}, C{sourced} and
+    C{expiries} are indexes of C{holdings} and C{leases}, kept in step by
+    the methods below (change holdings and leases only through them), so
+    that a scheduling call costs about the number of pieces, not the number
+    of peers times the number of pieces.
     """
 
     task: TaskInfo
@@ -90,18 +97,59 @@ class Swarm:
     blacklist: dict[str, set[str]] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     served: dict[str, int] = field(default_factory=dict)
+    # piece -> its holders, in the order they got it (a dict: ordered, so
+    # that a seeded random choice among them is reproducible)
+    holders: dict[int, dict[str, None]] = field(default_factory=dict)
+    load: dict[str, int] = field(default_factory=dict)
+    in_flight: dict[int, int] = field(default_factory=dict)
+    leased: dict[str, set[int]] = field(default_factory=dict)
+    sourced: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+    expiries: list[tuple[float, str, int]] = field(default_factory=list)
+
+    def hold(self, peer_id: str, piece: int) -> None:
+        self.holdings.setdefault(peer_id, set()).add(piece)
+        # Only members in good standing are sources.
+        if peer_id in self.peers and peer_id not in self.banned:
+            self.holders.setdefault(piece, {})[peer_id] = None
+
+    def forget_holdings(self, peer_id: str) -> None:
+        for piece in self.holdings.pop(peer_id, set()):
+            self.holders.get(piece, {}).pop(peer_id, None)
+
+    def add_lease(self, requester: str, piece: int, lease: Lease) -> None:
+        self.drop_lease(requester, piece)
+        self.leases[(requester, piece)] = lease
+        self.load[lease.source] = self.load.get(lease.source, 0) + 1
+        self.in_flight[piece] = self.in_flight.get(piece, 0) + 1
+        self.leased.setdefault(requester, set()).add(piece)
+        self.sourced.setdefault(lease.source, set()).add((requester, piece))
+        heapq.heappush(self.expiries, (lease.expires, requester, piece))
+
+    def drop_lease(self, requester: str, piece: int) -> Lease | None:
+        lease = self.leases.pop((requester, piece), None)
+        if lease is None:
+            return None
+        self.load[lease.source] -= 1
+        self.in_flight[piece] -= 1
+        self.leased.get(requester, set()).discard(piece)
+        self.sourced.get(lease.source, set()).discard((requester, piece))
+        # Its entry in expiries goes when it comes up (see expire_leases).
+        return lease
 
     def remove_peer(self, peer_id: str) -> None:
         """
         Forget a peer: it holds nothing, serves nothing, fetches nothing.
         """
         self.peers.pop(peer_id, None)
-        self.holdings.pop(peer_id, None)
+        self.forget_holdings(peer_id)
         self.finished.discard(peer_id)
         self.blacklist.pop(peer_id, None)
-        for key, lease in list(self.leases.items()):
-            if key[0] == peer_id or lease.source == peer_id:
-                del self.leases[key]
+        for piece in list(self.leased.get(peer_id, ())):
+            self.drop_lease(peer_id, piece)
+        self.leased.pop(peer_id, None)
+        for requester, piece in list(self.sourced.get(peer_id, ())):
+            self.drop_lease(requester, piece)
+        self.sourced.pop(peer_id, None)
 
     @property
     def downloading(self) -> int:
