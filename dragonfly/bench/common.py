@@ -226,6 +226,7 @@ class Processes:
         argv: Sequence[str],
         log: Path,
         watch: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """
         Launch C{argv} with its output going to C{log}.
@@ -233,8 +234,10 @@ class Processes:
         @param watch: substrings of the output whose first appearance is
             timed (see L{Proc.marks}); the output is then read through a
             pipe by a thread.
+        @param env: its environment (default L{child_env}).
         """
         log.parent.mkdir(parents=True, exist_ok=True)
+        env = child_env() if env is None else env
         if not watch:
             with log.open("wb") as out:
                 started = time.monotonic()
@@ -243,7 +246,7 @@ class Processes:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env=child_env(),
+                    env=env,
                 )
             proc = Proc(name, popen, log, started)
             self.started.append(proc)
@@ -254,7 +257,7 @@ class Processes:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env=env,
         )
         proc = Proc(name, popen, log, started)
         self.started.append(proc)
