@@ -8,14 +8,11 @@ SIGKILL after a bounded wait) when its test ends, whether it passed or not.
 Only loopback addresses (127.0.0.0/8) are used.
 """
 
-import contextlib
 import hashlib
 import json
 import os
 import select
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +26,8 @@ from typing import Any
 
 import pytest
 from certs import PKI
+
+from dragonfly.devtools.processes import child_env, free_port, stop_process
 
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -55,43 +54,10 @@ def dfget_cmd() -> list[str]:
     return _script("dfget")
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("DFGET_HOME", None)
-    return env
-
-
 # Ports -----------------------------------------------------------------------
 
 
-def free_port(ip: str = "127.0.0.1") -> int:
-    """
-    A TCP port free on C{ip} right now (bound to port 0, then released).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
-
-
 # Processes -------------------------------------------------------------------
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT) -> int:
-    """
-    End a process this test started, by its PID: SIGTERM, then SIGKILL if it
-    is still there after C{timeout} seconds.  Returns its exit status.
-    """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            return proc.wait(STOP_TIMEOUT)
-    return proc.returncode
 
 
 class Processes:

@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
+
+from dragonfly.devtools.processes import child_env, free_port, stop_process
 
 if TYPE_CHECKING:
     from dragonfly.bench.profile import Profiler
@@ -59,22 +61,6 @@ def tool(name: str) -> str:
     if found is None:
         raise BenchError(f"{name} is not installed")
     return found
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("DFGET_HOME", None)
-    return env
-
-
-def free_port(ip: str = "127.0.0.1") -> int:
-    """
-    A TCP port free on C{ip} right now (bound to port 0, then released).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(ip: str, port: int, timeout: float = START_TIMEOUT) -> None:
@@ -166,23 +152,6 @@ class Proc:
         if self.rusage is None:
             return 0.0
         return self.rusage.ru_utime + self.rusage.ru_stime
-
-
-def stop_process(popen: "subprocess.Popen[Any]", timeout: float = STOP_TIMEOUT) -> None:
-    """
-    End a process the bench started, by its PID: SIGTERM, then SIGKILL if it
-    is still there after C{timeout} seconds.
-    """
-    if popen.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(popen.pid, signal.SIGTERM)
-    try:
-        popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(popen.pid, signal.SIGKILL)
-        popen.wait(STOP_TIMEOUT)
 
 
 def _pump(source: IO[bytes], sink: IO[bytes], proc: Proc, watch: Sequence[str]) -> None:

@@ -40,7 +40,6 @@ from dragonfly.bench.common import (
     Context,
     Processes,
     Supernode,
-    free_port,
     median,
     piece_tiers,
     remove,
@@ -52,6 +51,7 @@ from dragonfly.bench.common import (
 from dragonfly.bench.report import SKIP, Line, Section, verdict
 from dragonfly.devtools import registry
 from dragonfly.devtools.oci import Image, ImageLayout
+from dragonfly.devtools.processes import free_port
 
 RATE = 20 * MIB
 TIME_TARGET = 1.3

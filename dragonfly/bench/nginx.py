@@ -15,10 +15,10 @@ from dragonfly.bench.common import (
     Proc,
     Processes,
     TLSFiles,
-    free_port,
     run_quiet,
     wait_port,
 )
+from dragonfly.devtools.processes import free_port
 
 _CONFIG = """\
 daemon off;

@@ -41,7 +41,6 @@ from dragonfly.bench.common import (
     cpu_seconds,
     curl_result,
     dfget_result,
-    free_port,
     make_random_file,
     median,
     remove,
@@ -55,6 +54,7 @@ from dragonfly.bench.common import (
 )
 from dragonfly.bench.nginx import Nginx, start_nginx
 from dragonfly.bench.report import Line, Section, verdict
+from dragonfly.devtools.processes import free_port
 from dragonfly.tasks import piece_size_for, task_id_for
 
 SERVING_IP = "127.0.0.2"

@@ -17,13 +17,10 @@ L{Registry} is ended with L{Registry.stop}.  The caller decides how processes
 are started (C{popen}), so that a test suite can track them.
 """
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -42,6 +39,7 @@ from dragonfly.devtools.oci import (
     digest_of,
     file_digest,
 )
+from dragonfly.devtools.processes import free_port, stop_process
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -153,23 +151,6 @@ def run(
             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
     return result
-
-
-def stop_process(proc: "subprocess.Popen[Any]", timeout: float = STOP_TIMEOUT) -> int:
-    """
-    End a process we started, by its PID: SIGTERM, then SIGKILL if it is
-    still there after C{timeout} seconds.  Returns its exit status.
-    """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            return proc.wait(STOP_TIMEOUT)
-    return proc.returncode
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -385,15 +366,6 @@ def registry_config(host: str, port: int, storage: Path) -> str:
         "  headers:\n"
         "    X-Content-Type-Options: [nosniff]\n"
     )
-
-
-def free_port(ip: str) -> int:
-    """
-    A TCP port free on C{ip} right now (bound to port 0, then released).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def start_registry(
