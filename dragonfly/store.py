@@ -68,14 +68,23 @@ class TaskFile:
             raise ValueError("length not known yet")
         return piece_bounds(piece, self.piece_size, self.length)
 
-    def write_verified(self, piece: int, data: bytes | bytearray, sha256: str) -> None:
+    def write_verified(
+        self,
+        piece: int,
+        data: bytes | bytearray,
+        sha256: str,
+        actual: str | None = None,
+    ) -> None:
         """
         Check C{data} against C{sha256} and write it at the piece's offset.
         Runs on a thread; the caller marks the piece held afterwards.
 
+        @param actual: the sha256 of C{data} when the caller computed it
+            already (as the bytes arrived); otherwise it is computed here.
         @raise PieceDigestMismatch: if the digest differs (nothing written).
         """
-        actual = hashlib.sha256(data).hexdigest()
+        if actual is None:
+            actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise PieceDigestMismatch(
                 f"piece {piece}: expected sha256 {sha256}, got {actual}"

@@ -7,6 +7,7 @@ Nothing touches a socket or the global reactor: time is a L{Clock}, the
 network is L{StringTransport} or L{twisted.test.iosim}.
 """
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -642,7 +643,8 @@ def test_client_sends_hello_and_becomes_ready() -> None:
 def test_client_receives_piece_across_reads() -> None:
     """
     A piece split over many reads is delivered whole, once, to the right
-    request; C{busy} counts outstanding requests.
+    request, with the sha256 of exactly those bytes computed as they came;
+    C{busy} counts outstanding requests.
     """
     rig = client_rig()
     rig.greet()
@@ -654,7 +656,9 @@ def test_client_receives_piece_across_reads() -> None:
     for i in range(0, len(stream), 333):
         assert not d.called
         rig.protocol.dataReceived(stream[i : i + 333])
-    assert result_of(d) == data
+    received = result_of(d)
+    assert received == data
+    assert received.sha256 == hashlib.sha256(data).hexdigest()
     assert rig.protocol.busy == 0
     assert rig.protocol.bytes_received == len(stream) + len(
         frames(wire.Hello(wire.PROTOCOL_VERSION, "server", "127.0.0.1:2"))

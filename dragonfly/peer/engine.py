@@ -58,6 +58,10 @@ REGISTER_TIMEOUT = 60.0
 NO_PROGRESS_TIMEOUT = 120.0
 # ... or when this many piece fetches in a row fail.
 MAX_FAILURES_IN_A_ROW = 16
+# Bytes of pieces being received or written at once, per download: 64 MiB
+# is four or five of the biggest pieces (15 MiB), enough to keep loopback or
+# a LAN busy, and keeps a download's memory the same for 1 GiB and 100 GiB.
+IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # Pieces reported per scheduling call (the supernode takes up to 4096).
 MAX_REPORT = 1024
 
@@ -141,6 +145,7 @@ class PeerEngine:
         address: Callable[[], str],
         piece_log: ILogObserver | None = None,
         concurrency: int = 6,
+        in_flight_bytes: int = IN_FLIGHT_BYTES,
         total_bucket: TokenBucket | None = None,
         source_http: Any = None,
     ) -> None:
@@ -154,6 +159,7 @@ class PeerEngine:
             Logger(namespace=PIECE_NAMESPACE, observer=piece_log) if piece_log else None
         )
         self.concurrency = concurrency
+        self.in_flight_bytes = in_flight_bytes
         self.total_bucket = total_bucket
         self.source_http = source_http
         self.registrations: dict[str, dict[str, Any]] = {}
@@ -484,11 +490,21 @@ class _Download:
                 else:
                     self.outcome.callback(None)
             return
-        free = self.engine.concurrency - len(self.in_flight)
+        free = self._concurrency() - len(self.in_flight)
         if self.poll is None and free > 0:
             self.poll = self._call(free)
         elif self.report and self.report_call is None:
             self.report_call = self._call(0)
+
+    def _concurrency(self) -> int:
+        """
+        How many pieces may be fetched at once: each is held whole in memory
+        from its first byte until it is written, so big pieces mean fewer of
+        them, and the memory a download needs does not grow with the file's
+        size (which sets the piece size).
+        """
+        by_memory = self.engine.in_flight_bytes // max(1, self.piece_size or 1)
+        return max(1, min(self.engine.concurrency, by_memory))
 
     def _complete(self) -> bool:
         return (
@@ -597,7 +613,11 @@ class _Download:
                 assignment["address"], self.task_id, piece, length, self.buckets
             )
             await self.engine.store.in_thread(
-                task_file.write_verified, piece, data, assignment["sha256"]
+                task_file.write_verified,
+                piece,
+                data,
+                assignment["sha256"],
+                data.sha256,
             )
             del data
         except CancelledError:
