@@ -14,6 +14,8 @@ C{test_mirror_e2e.py}.
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.engine import DownloadError, DownloadRequest, DownloadResult
 from dragonfly.peer.mirror import (
     PlainHTTPChannel,
@@ -176,6 +179,7 @@ class FakeEngine:
         self.cancelled: list[DownloadRequest] = []
         self.asked: list[str] = []
         self.progress: FakeProgress | None = None
+        self.in_use: list[str] = []
 
     def download(self, request: DownloadRequest) -> "Deferred[DownloadResult]":
         self.requests.append(request)
@@ -186,6 +190,14 @@ class FakeEngine:
     def progress_of(self, task_id: str) -> FakeProgress | None:
         self.asked.append(task_id)
         return self.progress
+
+    @contextmanager
+    def using(self, task_id: str) -> Iterator[None]:
+        self.in_use.append(task_id)
+        try:
+            yield
+        finally:
+            self.in_use.remove(task_id)
 
 
 def result_for(data: bytes, digest: str) -> DownloadResult:
@@ -251,6 +263,7 @@ class Harness:
         self.raw = RequestTraversalAgent(self.upstream)
         self.http = StubTreq(self.upstream)
         self.engine = FakeEngine()
+        self.metrics = PeerMetrics()
         self.mirror = RegistryMirror(
             self.engine,  # type: ignore[arg-type]
             upstream_url,
@@ -258,6 +271,7 @@ class Harness:
             self.http,
             allowed=allowed,
             timeout=5.0,
+            metrics=self.metrics,
         )
         self.client = RequestTraversalAgent(self.mirror)
 
