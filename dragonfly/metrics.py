@@ -250,17 +250,22 @@ class PeerMetrics:
         )
         self.evictions = _Eviction("dragonfly_peer", "store", r)
 
-    def watch(
-        self,
-        stats: Callable[[], Any],
-        downloading: Callable[[], int],
-        held: Callable[[], int],
+    def watch_engine(
+        self, downloading: Callable[[], int], held: Callable[[], int]
     ) -> None:
         """
-        Expose the piece server's counters and the peer's levels.
+        Expose the engine's levels: downloads under way, tasks held.
+        """
+        self.registry.register(_PeerStateCollector(downloading, held))
+
+    def watch_piece_server(self, stats: Callable[[], Any]) -> None:
+        """
+        Expose the counters of the peer's piece server.
+
+        @param stats: returns the server's
+            L{dragonfly.piece_protocol.ServerStats}.
         """
         self.registry.register(_PieceServerCollector("dragonfly_peer", stats))
-        self.registry.register(_PeerStateCollector(downloading, held))
 
 
 class MetricsResource(Resource):

@@ -831,6 +831,43 @@ def test_blob_already_done(harness: Harness) -> None:
     assert harness.wait(read_content(response)) == data
 
 
+def test_requests_counted_by_kind_and_code(harness: Harness) -> None:
+    """
+    Every answered request is counted in the peer's metrics by kind (blob,
+    manifest, other) and the status code the client got; a blob streamed
+    to a client is marked in use for the garbage collector while it is sent.
+    """
+    data = b"layer" * 1000
+    digest = digest_of(data)
+    d = blob_request(
+        harness, f"/v2/library/alpine/blobs/{digest}", {b"Authorization": [b"x"]}
+    )
+    task_id = task_id_for(harness.engine.requests[0].url, digest=digest)
+    assert harness.engine.in_use == [task_id]
+    harness.engine.results[0].callback(result_for(data, digest))
+    assert harness.wait(read_content(harness.wait(d))) == data
+    assert harness.engine.in_use == []
+    harness.upstream.routes[b"/v2/library/alpine/manifests/3.19"] = Canned(200)
+    harness.get("/v2/library/alpine/manifests/3.19")
+    harness.get("/v2/library/alpine/manifests/missing")
+    harness.get("/v2/")
+    harness.get("/v2/", method=b"PUT")
+    counter = harness.metrics.mirror_requests
+    counts = {
+        (s.labels["kind"], s.labels["code"]): s.value
+        for metric in counter.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    assert counts == {
+        ("blob", "200"): 1,
+        ("manifest", "200"): 1,
+        ("manifest", "404"): 1,
+        ("other", "404"): 1,
+        ("other", "405"): 1,
+    }
+
+
 def test_blob_digest_mismatch_never_completes(harness: Harness) -> None:
     """
     When the bytes do not hash to the digest, the connection is dropped

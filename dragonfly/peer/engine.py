@@ -161,6 +161,9 @@ class PeerEngine:
         self.registrations: dict[str, dict[str, Any]] = {}
         self.downloading: dict[str, _Running] = {}
         self.metrics = metrics if metrics is not None else PeerMetrics()
+        self.metrics.watch_engine(
+            lambda: len(self.downloading), lambda: len(self.store.tasks)
+        )
         # Readers of finished tasks' files outside the piece server (a
         # mirror response streaming a blob): the GC must leave them alone.
         self._users: dict[str, int] = {}

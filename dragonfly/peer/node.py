@@ -92,11 +92,7 @@ class PeerNode:
             source_http=http_client(reactor, bind_ip=config.ip),
             metrics=self.metrics,
         )
-        self.metrics.watch(
-            lambda: self.server.stats,
-            lambda: len(self.engine.downloading),
-            lambda: len(self.store.tasks),
-        )
+        self.metrics.watch_piece_server(lambda: self.server.stats)
 
     @property
     def address(self) -> str:
