@@ -389,6 +389,15 @@ def test_metrics_move_during_a_real_download(
         peers[0], "dragonfly_peer_pieces_served_total"
     )
     assert pieces == 2 * 7
+    # The swarm gauges are recounted within a second of a change.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = scrape(supernode.url("/metrics"))
+        if value(found, "dragonfly_supernode_peers") == 2:
+            break
+        time.sleep(0.2)
+    assert value(found, "dragonfly_supernode_peers") == 2
+    assert value(found, "dragonfly_supernode_tasks", status="done") == 1
 
 
 @pytest.mark.loopback

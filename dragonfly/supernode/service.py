@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -120,6 +121,7 @@ class Supernode:
         self._space_of = space_of
         self._collecting: Deferred[None] | None = None
         self._collect_again = False
+        self._counting: IDelayedCall | None = None
 
     @property
     def address(self) -> str:
@@ -195,6 +197,7 @@ class Supernode:
             task_id=task_id,
             url=task.url,
         )
+        self._swarms_changed()
         return {
             "task_id": task_id,
             "piece_size": task.piece_size,
@@ -226,6 +229,7 @@ class Supernode:
             self._fetches.pop(task_id, None)
             self.bytes_from_source += fetch.bytes_from_source
             self._changed(task_id)
+            self._swarms_changed()
             # A fetch that ended grew the cache.
             self.collect_garbage()
             return None
@@ -421,6 +425,7 @@ class Supernode:
         swarm.remove_peer(peer_id)
         await self.state.put(swarm)
         self._changed(task_id)
+        self._swarms_changed()
 
     async def task_info(self, task_id: str) -> dict[str, Any]:
         check_task_id(task_id)
@@ -512,6 +517,20 @@ class Supernode:
         await self._count_swarms()
         await self.collect_garbage()
 
+    def _swarms_changed(self) -> None:
+        """
+        Recount tasks and peers for the gauges soon: at most once a second,
+        since a count walks every swarm.
+        """
+        if self._counting is None:
+            self._counting = self._reactor.callLater(1.0, self._recount)
+
+    def _recount(self) -> None:
+        self._counting = None
+        Deferred.fromCoroutine(self._count_swarms()).addErrback(
+            lambda f: self._log.failure("counting swarms failed", f)
+        )
+
     async def _count_swarms(self) -> None:
         by_status = dict.fromkeys(TaskStatus, 0)
         peers: set[str] = set()
@@ -586,6 +605,9 @@ class Supernode:
         self.metrics.cache_bytes.set(used)
 
     def stop(self) -> None:
+        if self._counting is not None and self._counting.active():
+            self._counting.cancel()
+        self._counting = None
         for fetch in list(self._fetches.values()):
             fetch.stop()
         for task_id in list(self._waiters):
