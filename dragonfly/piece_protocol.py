@@ -128,9 +128,20 @@ class Identity:
 
 @dataclass
 class ServerStats:
+    """
+    What a piece server did, read by the metrics.
+
+    @ivar failed: requests not served, by reason: the refusal's error code
+        in lower case, or C{aborted} (the connection was lost mid-piece).
+    """
+
     pieces_served: int = 0
     bytes_served: int = 0
     requests_refused: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
 
 
 class PieceServerFactory(Factory):
@@ -267,6 +278,7 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
 
     def _refuse(self, request_id: int, code: wire.ErrorCode, message: str) -> None:
         self.factory.stats.requests_refused += 1
+        self.factory.stats.fail(code.name.lower())
         self._send(wire.Error(request_id, code, message))
 
     def _serve_next(self) -> None:
@@ -332,6 +344,7 @@ class PieceServerProtocol(Protocol, TimeoutMixin):
         if self._sender is not None:
             self._sender.stopProducing()
             self.factory.active_uploads -= 1
+            self.factory.stats.fail("aborted")
             self._sender = None
 
 

@@ -14,6 +14,8 @@ C{test_mirror_e2e.py}.
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.engine import DownloadError, DownloadRequest, DownloadResult
 from dragonfly.peer.mirror import (
     PlainHTTPChannel,
@@ -176,6 +179,7 @@ class FakeEngine:
         self.cancelled: list[DownloadRequest] = []
         self.asked: list[str] = []
         self.progress: FakeProgress | None = None
+        self.in_use: list[str] = []
 
     def download(self, request: DownloadRequest) -> "Deferred[DownloadResult]":
         self.requests.append(request)
@@ -186,6 +190,14 @@ class FakeEngine:
     def progress_of(self, task_id: str) -> FakeProgress | None:
         self.asked.append(task_id)
         return self.progress
+
+    @contextmanager
+    def using(self, task_id: str) -> Iterator[None]:
+        self.in_use.append(task_id)
+        try:
+            yield
+        finally:
+            self.in_use.remove(task_id)
 
 
 def result_for(data: bytes, digest: str) -> DownloadResult:
@@ -251,6 +263,7 @@ class Harness:
         self.raw = RequestTraversalAgent(self.upstream)
         self.http = StubTreq(self.upstream)
         self.engine = FakeEngine()
+        self.metrics = PeerMetrics()
         self.mirror = RegistryMirror(
             self.engine,  # type: ignore[arg-type]
             upstream_url,
@@ -258,6 +271,7 @@ class Harness:
             self.http,
             allowed=allowed,
             timeout=5.0,
+            metrics=self.metrics,
         )
         self.client = RequestTraversalAgent(self.mirror)
 
@@ -815,6 +829,43 @@ def test_blob_already_done(harness: Harness) -> None:
     response = harness.wait(d)
     assert response.code == 200
     assert harness.wait(read_content(response)) == data
+
+
+def test_requests_counted_by_kind_and_code(harness: Harness) -> None:
+    """
+    Every answered request is counted in the peer's metrics by kind (blob,
+    manifest, other) and the status code the client got; a blob streamed
+    to a client is marked in use for the garbage collector while it is sent.
+    """
+    data = b"layer" * 1000
+    digest = digest_of(data)
+    d = blob_request(
+        harness, f"/v2/library/alpine/blobs/{digest}", {b"Authorization": [b"x"]}
+    )
+    task_id = task_id_for(harness.engine.requests[0].url, digest=digest)
+    assert harness.engine.in_use == [task_id]
+    harness.engine.results[0].callback(result_for(data, digest))
+    assert harness.wait(read_content(harness.wait(d))) == data
+    assert harness.engine.in_use == []
+    harness.upstream.routes[b"/v2/library/alpine/manifests/3.19"] = Canned(200)
+    harness.get("/v2/library/alpine/manifests/3.19")
+    harness.get("/v2/library/alpine/manifests/missing")
+    harness.get("/v2/")
+    harness.get("/v2/", method=b"PUT")
+    counter = harness.metrics.mirror_requests
+    counts = {
+        (s.labels["kind"], s.labels["code"]): s.value
+        for metric in counter.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    assert counts == {
+        ("blob", "200"): 1,
+        ("manifest", "200"): 1,
+        ("manifest", "404"): 1,
+        ("other", "404"): 1,
+        ("other", "405"): 1,
+    }
 
 
 def test_blob_digest_mismatch_never_completes(harness: Harness) -> None:

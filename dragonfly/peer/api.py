@@ -9,6 +9,8 @@ host, and the peer's state.
     C{X-Dragonfly-From} tell its digest and where its bytes came from.
   - C{GET /api/v1/tasks}: the tasks this peer holds.
   - C{GET /_ping}: C{OK}.
+  - C{GET /metrics}: the peer's metrics for Prometheus (see
+    C{docs/metrics.md}).
 """
 
 import json
@@ -20,6 +22,7 @@ from twisted.web.static import Data, NoRangeStaticProducer
 
 from dragonfly.http import as_text, end_to_end_headers
 from dragonfly.jsonapi import ApiError, JsonApi
+from dragonfly.metrics import MetricsResource
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
 from dragonfly.tasks import InvalidRequest, check_digest, check_url
 
@@ -97,6 +100,7 @@ def root(engine: PeerEngine, mirror: Resource | None = None) -> Resource:
     top = Resource()
     top.putChild(b"_ping", Data(b"OK", "text/plain"))
     top.putChild(b"api", PeerApi(engine))
+    top.putChild(b"metrics", MetricsResource(engine.metrics.registry))
     if mirror is not None:
         top.putChild(b"v2", mirror)
     return top

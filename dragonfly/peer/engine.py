@@ -23,8 +23,8 @@ verified task file.
 import hashlib
 import os
 import socket
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dragonfly.clientlog import PIECE_NAMESPACE
+from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.supernode_client import (
     SupernodeClient,
     SupernodeRefused,
@@ -148,6 +149,7 @@ class PeerEngine:
         in_flight_bytes: int = IN_FLIGHT_BYTES,
         total_bucket: TokenBucket | None = None,
         source_http: Any = None,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.reactor = reactor
         self.store = store
@@ -164,6 +166,36 @@ class PeerEngine:
         self.source_http = source_http
         self.registrations: dict[str, dict[str, Any]] = {}
         self.downloading: dict[str, _Running] = {}
+        self.metrics = metrics if metrics is not None else PeerMetrics()
+        self.metrics.watch_engine(
+            lambda: len(self.downloading), lambda: len(self.store.tasks)
+        )
+        # Readers of finished tasks' files outside the piece server (a
+        # mirror response streaming a blob): the GC must leave them alone.
+        self._users: dict[str, int] = {}
+        self.on_download_done: Callable[[str], object] | None = None
+
+    @contextmanager
+    def using(self, task_id: str) -> Iterator[None]:
+        """
+        Mark C{task_id}'s file in use for the duration of the block.
+        """
+        self._users[task_id] = self._users.get(task_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._users[task_id] -= 1
+            if not self._users[task_id]:
+                del self._users[task_id]
+
+    def in_use(self, task_id: str) -> bool:
+        """
+        Whether C{task_id} is being downloaded or read: not to be deleted.
+        """
+        if task_id in self.downloading or task_id in self._users:
+            return True
+        task_file = self.store.tasks.get(task_id)
+        return task_file is not None and task_file.readers > 0
 
     @property
     def address(self) -> str:
@@ -204,9 +236,18 @@ class PeerEngine:
         def done(result: object) -> object:
             self.downloading.pop(task_id, None)
             if isinstance(result, Failure) and result.check(DeferredTimeout):
-                return Failure(
+                result = Failure(
                     DownloadError("timeout", f"download took over {request.timeout:g}s")
                 )
+            if isinstance(result, Failure):
+                error = result.value
+                kind = error.kind if isinstance(error, DownloadError) else "other"
+                if not result.check(CancelledError):
+                    self.metrics.downloads.labels(result=kind).inc()
+            else:
+                self.metrics.downloads.labels(result="ok").inc()
+                if self.on_download_done is not None:
+                    self.on_download_done(task_id)
             return result
 
         d.addBoth(done).addBoth(running.settle)
@@ -439,6 +480,7 @@ class _Download:
         if not self.request.back_to_source:
             raise DownloadError("supernode", f"{reason}; back to source is disabled")
         self._log.warn("going back to source: {reason}", reason=reason)
+        self.engine.metrics.back_to_source.inc()
         return reason
 
     def _refusal(self, e: SupernodeRefused) -> DownloadError:
@@ -645,6 +687,7 @@ class _Download:
             self._notify()
             self.bytes_by_tier[tier] += length
             self.pieces_by_tier[tier] += 1
+            self.engine.metrics.download_bytes[tier].inc(length)
             if self.request.progress is not None:
                 self.request.progress(sum(self.bytes_by_tier.values()), self.length)
         finally:
@@ -675,6 +718,7 @@ class _Download:
             detail=detail,
         )
         self.failures_in_a_row += 1
+        self.engine.metrics.piece_failures.labels(reason=reason).inc()
         if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW and not self.outcome.called:
             self.outcome.errback(
                 _SwarmFailed(
@@ -739,6 +783,9 @@ class _Download:
         self.pieces_by_tier["source"] += len(task_file.held)
 
     def _written(self, offset: int) -> None:
+        # Counted block by block as written, so that a source download
+        # that fails half-way still shows what it fetched.
+        self.engine.metrics.download_bytes["source"].inc(offset - self.source_offset)
         self.source_offset = offset
         self._notify()
 

@@ -48,6 +48,7 @@ from dragonfly.http import (
     end_to_end_headers,
     read_bounded,
 )
+from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
 from dragonfly.tasks import task_id_for
 
@@ -201,6 +202,26 @@ async def forward(
 _log = Logger()
 
 
+def _kind_of(path: str) -> str:
+    if _BLOB.match(path):
+        return "blob"
+    if "/manifests/" in path:
+        return "manifest"
+    return "other"
+
+
+def count_requests(metrics: PeerMetrics, request: Request, kind: str) -> None:
+    """
+    Count C{request} by kind and status code once it has been answered (or
+    the client left: the code is then the one it was about to get).
+    """
+
+    def count(_: object) -> None:
+        metrics.mirror_requests.labels(kind=kind, code=str(request.code)).inc()
+
+    request.notifyFinish().addBoth(count)
+
+
 class _Relay(Protocol):
     """
     Copies an upstream body into the client's response; the upstream
@@ -240,13 +261,16 @@ class RegistryMirror(Resource):
         allowed: list[str] | None = None,
         token_cache: dict[str, str] | None = None,
         timeout: float = 30.0,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         """
         @param agent: forwards requests untouched (no redirects followed, no
             decoding), see L{dragonfly.http.raw_agent}.
         @param http: a treq client, for anonymous tokens.
+        @param metrics: where requests are counted (the peer's).
         """
         super().__init__()
+        self._metrics = metrics if metrics is not None else PeerMetrics()
         self._engine = engine
         self._agent = agent
         self._timeout = timeout
@@ -278,6 +302,7 @@ class RegistryMirror(Resource):
 
     def render(self, request: Request) -> Any:
         path = request.path.decode("latin-1")
+        count_requests(self._metrics, request, _kind_of(path))
         if request.method not in (b"GET", b"HEAD"):
             registry_error(request, 405, "UNSUPPORTED", "this mirror only serves pulls")
             return NOT_DONE_YET
@@ -383,9 +408,10 @@ class RegistryMirror(Resource):
         )
         progress = self._engine.progress_of(task_id)
         try:
-            await _BlobStream(
-                request, digest, f"blob {digest} of {name}", result, progress
-            ).run()
+            with self._engine.using(task_id):
+                await _BlobStream(
+                    request, digest, f"blob {digest} of {name}", result, progress
+                ).run()
         except BaseException:
             # A client that left (or a failed stream) withdraws its interest:
             # the download stops unless another request still wants it.
@@ -556,9 +582,15 @@ class ForwardProxy(Resource):
     isLeaf = True
 
     def __init__(
-        self, engine: PeerEngine, agent: IAgent, rules: list[str], timeout: float = 30.0
+        self,
+        engine: PeerEngine,
+        agent: IAgent,
+        rules: list[str],
+        timeout: float = 30.0,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         super().__init__()
+        self._metrics = metrics if metrics is not None else PeerMetrics()
         self._engine = engine
         self._agent = agent
         self._rules = [re.compile(rule) for rule in rules]
@@ -566,6 +598,7 @@ class ForwardProxy(Resource):
 
     def render(self, request: Request) -> Any:
         url = request.uri.decode("latin-1")
+        count_requests(self._metrics, request, "proxy")
         if request.method not in (b"GET", b"HEAD"):
             registry_error(request, 405, "UNSUPPORTED", "only GET and HEAD are proxied")
             return NOT_DONE_YET
@@ -590,9 +623,11 @@ class ForwardProxy(Resource):
             end_to_end_headers(headers, frozenset({b"range", b"accept-encoding"}))
         )
         result = self._engine.download(DownloadRequest(url=url, headers=sent))
-        progress = self._engine.progress_of(task_id_for(url))
+        task_id = task_id_for(url)
+        progress = self._engine.progress_of(task_id)
         try:
-            await _BlobStream(request, "", url, result, progress).run()
+            with self._engine.using(task_id):
+                await _BlobStream(request, "", url, result, progress).run()
         except BaseException:
             result.cancel()
             raise

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver
 
 from dragonfly.http import http_client
+from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.engine import PeerEngine
 from dragonfly.peer.supernode_client import Node, SupernodeClient
 from dragonfly.piece_protocol import Identity, PieceClientPool, PieceServerFactory
@@ -49,9 +50,14 @@ class PeerNode:
     """
 
     def __init__(
-        self, reactor: Any, config: PeerConfig, piece_log: ILogObserver | None = None
+        self,
+        reactor: Any,
+        config: PeerConfig,
+        piece_log: ILogObserver | None = None,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics if metrics is not None else PeerMetrics()
         self.config = config
         self.peer_id = config.peer_id or make_peer_id(config.ip)
         self._port: IListeningPort | None = None
@@ -84,7 +90,9 @@ class PeerNode:
             concurrency=config.concurrency,
             total_bucket=total,
             source_http=http_client(reactor, bind_ip=config.ip),
+            metrics=self.metrics,
         )
+        self.metrics.watch_piece_server(lambda: self.server.stats)
 
     @property
     def address(self) -> str:

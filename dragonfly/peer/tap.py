@@ -3,7 +3,6 @@ C{twistd dfpeer}: the long-lived peer daemon of a host.
 """
 
 import re
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from dragonfly.clientlog import make_sign, open_client_log
+from dragonfly.gc import FreeSpace, Watermarks, parse_free_space
 from dragonfly.http import http_client, raw_agent
 from dragonfly.options import (
     TLS_PARAMETERS,
@@ -28,11 +28,10 @@ from dragonfly.options import (
     tls_from_options,
 )
 from dragonfly.peer.api import root
+from dragonfly.peer.gc import StoreCollector
 from dragonfly.peer.mirror import ForwardProxy, MirrorSite, RegistryMirror
 from dragonfly.peer.node import PeerConfig, PeerNode
 from dragonfly.peer.supernode_client import (
-    SupernodeRefused,
-    SupernodeUnavailable,
     parse_nodes,
 )
 from dragonfly.tasks import InvalidRequest, check_url
@@ -137,6 +136,22 @@ class Options(usage.Options):
             duration_option("expire"),
         ],
         [
+            "store-limit",
+            None,
+            0,
+            "Delete least recently used held files beyond this size (0: no limit).",
+            size_option("store-limit"),
+        ],
+        [
+            "min-free-space",
+            None,
+            FreeSpace(),
+            "Delete least recently used held files while the filesystem of "
+            "data/ has less free space than this, a size or a percentage such "
+            "as 5% (default: no minimum).",
+            converted(parse_free_space, "min-free-space"),
+        ],
+        [
             "cert",
             None,
             "",
@@ -169,9 +184,9 @@ class _PeerService(Service):
 
     _log = Logger()
 
-    def __init__(self, node: PeerNode, expire: float) -> None:
+    def __init__(self, node: PeerNode, collector: StoreCollector) -> None:
         self.node = node
-        self.expire = expire
+        self.collector = collector
 
     def startService(self) -> None:
         super().startService()
@@ -199,22 +214,11 @@ class _PeerService(Service):
         return Deferred.fromCoroutine(self._housekeeping())
 
     async def _housekeeping(self) -> None:
-        engine = self.node.engine
         try:
-            await engine.heartbeat()
-            cutoff = self.node.reactor.seconds() - self.expire
-            for task_file in self.node.store.idle_tasks(cutoff):
-                if task_file.task_id in engine.downloading:
-                    continue
-                self._log.info("dropping idle {task_id}", task_id=task_file.task_id)
-                self.node.store.remove(task_file.task_id)
-                if engine.registrations.pop(task_file.task_id, None) is not None:
-                    # Best effort: a supernode that cannot be told drops us
-                    # when our heartbeats for the task stop.
-                    with suppress(SupernodeUnavailable, SupernodeRefused):
-                        await engine.supernodes.leave(task_file.task_id, engine.peer_id)
+            await self.node.engine.heartbeat()
         except Exception:
             self._log.failure("housekeeping failed")
+        await self.collector.collect()
 
 
 def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]:
@@ -235,7 +239,14 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
         piece_log=observer,
     )
     top = MultiService()
-    peer = _PeerService(node, options["expire"])
+    collector = StoreCollector(
+        node.engine,
+        Watermarks(options["store-limit"], options["min-free-space"]),
+        options["expire"],
+    )
+    # Each finished download grew the store: trim it at once.
+    node.engine.on_download_done = lambda _: collector.collect()
+    peer = _PeerService(node, collector)
     peer.setServiceParent(top)
     agent = raw_agent(reactor)
     site = MirrorSite(
@@ -247,9 +258,10 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
                 agent,
                 http_client(reactor),
                 allowed=options["allowed"],
+                metrics=node.metrics,
             ),
         ),
-        ForwardProxy(node.engine, agent, options["proxy-rules"]),
+        ForwardProxy(node.engine, agent, options["proxy-rules"], metrics=node.metrics),
     )
     http_port: Any = endpoints.TCP4ServerEndpoint(
         reactor, options["port"], interface=options["listen-ip"]
@@ -266,7 +278,9 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
             interface=options["listen-ip"],
         )
     StreamServerEndpointService(http_port, site).setServiceParent(top)
-    TimerService(20.0, peer.housekeeping).setServiceParent(top)
+    housekeeping = TimerService(20.0, peer.housekeeping)
+    housekeeping.clock = reactor
+    housekeeping.setServiceParent(top)
     return top, node
 
 

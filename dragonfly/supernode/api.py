@@ -12,6 +12,7 @@ from twisted.web.server import Request
 from twisted.web.static import Data
 
 from dragonfly.jsonapi import ApiError, JsonApi, field, read_json
+from dragonfly.metrics import MetricsResource
 from dragonfly.supernode.cdn import ContentMismatch, SourceError
 from dragonfly.supernode.service import (
     FailedPiece,
@@ -153,9 +154,10 @@ def _errors() -> Iterator[None]:
 
 def root(supernode: Supernode) -> Resource:
     """
-    The API's resource tree: C{/_ping} and C{/api/v1/...}.
+    The API's resource tree: C{/_ping}, C{/api/v1/...} and C{/metrics}.
     """
     top = Resource()
     top.putChild(b"_ping", Data(b"OK", "text/plain"))
     top.putChild(b"api", SupernodeApi(supernode))
+    top.putChild(b"metrics", MetricsResource(supernode.metrics.registry))
     return top

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
@@ -159,7 +160,11 @@ class CdnFetch:
         piece_size: int | None = None,
         response_timeout: float = 30.0,
         stall_timeout: float = 60.0,
+        source_bytes: Counter | None = None,
     ) -> None:
+        """
+        @param source_bytes: counts the bytes received from the source.
+        """
         self._reactor = reactor
         self._http = http
         self._store = store
@@ -187,6 +192,7 @@ class CdnFetch:
         self._watchdog: IDelayedCall | None = None
         self._running: Deferred[None] | None = None
         self.bytes_from_source = 0
+        self._source_bytes = source_bytes
         self._write_error: SourceError | None = None
         self._stall_stopped = False
         self._stopped = False
@@ -454,6 +460,8 @@ class CdnFetch:
     def _on_data(self, data: bytes) -> None:
         self._watchdog_reset()
         self.bytes_from_source += len(data)
+        if self._source_bytes is not None:
+            self._source_bytes.inc(len(data))
         view = memoryview(data)
         size = self.task.piece_size
         while view:

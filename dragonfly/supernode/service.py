@@ -10,15 +10,22 @@ poll in a loop.
 
 import os
 import random
+import shutil
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from dragonfly.gc import DiskSpace, Entry, FreeSpace, Watermarks, choose, disk_space
+from dragonfly.metrics import SupernodeMetrics
 from dragonfly.store import PieceStore
 from dragonfly.supernode import scheduler
 from dragonfly.supernode.cdn import CdnFetch, ContentMismatch, SourceError
@@ -42,6 +49,7 @@ from dragonfly.tasks import (
 MAX_WAIT = 10.0
 MAX_WANT = 64
 MAX_REPORT = 4096
+_REASONS = frozenset({"digest", "stalled", "error"})
 
 
 class UnknownTask(LookupError):
@@ -57,6 +65,7 @@ class Settings:
     task_expire: float = 1800.0
     peer_expire: float = 60.0
     cache_limit: int = 0
+    min_free: FreeSpace = field(default_factory=FreeSpace)
     header_timeout: float = 30.0
 
 
@@ -92,7 +101,12 @@ class Supernode:
         http: Any,
         settings: Settings,
         rng: random.Random | None = None,
+        metrics: SupernodeMetrics | None = None,
+        space_of: Callable[[Path], DiskSpace] = disk_space,
     ) -> None:
+        """
+        @param space_of: measures the cache's filesystem (on a thread).
+        """
         self._reactor = reactor
         self.home = home
         self.state = state
@@ -103,6 +117,11 @@ class Supernode:
         self._fetches: dict[str, CdnFetch] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self.bytes_from_source = 0
+        self.metrics = metrics if metrics is not None else SupernodeMetrics()
+        self._space_of = space_of
+        self._collecting: Deferred[None] | None = None
+        self._collect_again = False
+        self._counting: IDelayedCall | None = None
 
     @property
     def address(self) -> str:
@@ -178,6 +197,7 @@ class Supernode:
             task_id=task_id,
             url=task.url,
         )
+        self._swarms_changed()
         return {
             "task_id": task_id,
             "piece_size": task.piece_size,
@@ -201,6 +221,7 @@ class Supernode:
             lambda: self._changed(task_id),
             piece_size=self.settings.piece_size,
             response_timeout=self.settings.header_timeout,
+            source_bytes=self.metrics.source_bytes,
         )
         self._fetches[task_id] = fetch
 
@@ -208,6 +229,9 @@ class Supernode:
             self._fetches.pop(task_id, None)
             self.bytes_from_source += fetch.bytes_from_source
             self._changed(task_id)
+            self._swarms_changed()
+            # A fetch that ended grew the cache.
+            self.collect_garbage()
             return None
 
         fetch.start().addBoth(ended)
@@ -235,11 +259,18 @@ class Supernode:
         deadline = self._reactor.seconds() + wait
         swarm = await self._swarm_of(task_id, peer_id)
         limits = self.settings.limits
+        # CPU time of the decisions, not the clock of the long poll.
+        started = time.perf_counter()
         scheduler.record_finished(swarm, peer_id, finished)
         for failure in failed:
             source = (
                 SUPERNODE if failure.source.startswith("cdnnode:") else failure.source
             )
+            # Peers choose the reason: unknown ones must not add series.
+            reason = failure.reason if failure.reason in _REASONS else "other"
+            self.metrics.failures_reported.labels(reason=reason).inc()
+            was_listed = source in swarm.blacklist.get(peer_id, ())
+            was_banned = source in swarm.banned
             scheduler.record_failed(
                 swarm,
                 peer_id,
@@ -249,6 +280,15 @@ class Supernode:
                 limits,
             )
             if source != SUPERNODE:
+                if not was_listed:
+                    self.metrics.blacklist.labels(action="blacklist").inc()
+                if not was_banned and source in swarm.banned:
+                    self.metrics.blacklist.labels(action="ban").inc()
+                    self._log.warn(
+                        "peer {source} banned from {task_id}",
+                        source=source,
+                        task_id=task_id,
+                    )
                 self._log.warn(
                     "peer {peer_id} could not get piece {piece} of {task_id} from "
                     "{source}: {reason}",
@@ -274,6 +314,7 @@ class Supernode:
                 assignments = scheduler.schedule(
                     swarm, peer_id, want, now, limits, self._rng
                 )
+            self.metrics.schedule_duration.observe(time.perf_counter() - started)
             await self.state.put(swarm)
             if assignments or done or task.status is TaskStatus.FAILED:
                 break
@@ -281,6 +322,7 @@ class Supernode:
                 break
             await self._wait_for_change(task_id, deadline - now)
             swarm = await self._swarm_of(task_id, peer_id)
+            started = time.perf_counter()
         return self._schedule_reply(swarm, peer_id, assignments, done)
 
     def _schedule_reply(
@@ -383,6 +425,7 @@ class Supernode:
         swarm.remove_peer(peer_id)
         await self.state.put(swarm)
         self._changed(task_id)
+        self._swarms_changed()
 
     async def task_info(self, task_id: str) -> dict[str, Any]:
         check_task_id(task_id)
@@ -450,7 +493,16 @@ class Supernode:
                 and swarm.task.last_access < now - self.settings.task_expire
             )
             if idle:
-                self._log.info("task {task_id} expired", task_id=task_id)
+                # Only memory is freed: the cached file stays for a later
+                # registration, until the watermarks evict it.
+                self._log.info(
+                    "task {task_id} expired: forgotten, {bytes_freed} bytes freed "
+                    "on disk (reason: {reason})",
+                    task_id=task_id,
+                    bytes_freed=0,
+                    reason="expired",
+                )
+                self.metrics.evictions.record("expired", 0)
                 await self.state.drop(task_id)
                 task_file = self.store.tasks.pop(task_id, None)
                 if task_file is not None:
@@ -462,15 +514,100 @@ class Supernode:
                 await self.state.put(swarm)
             if silent:
                 self._changed(task_id)
-        if self.settings.cache_limit:
-            active = set(await self.state.task_ids())
-            evicted = await self.store.in_thread(
-                _evict, self.store.directory, self.settings.cache_limit, active
+        await self._count_swarms()
+        await self.collect_garbage()
+
+    def _swarms_changed(self) -> None:
+        """
+        Recount tasks and peers for the gauges soon: at most once a second,
+        since a count walks every swarm.
+        """
+        if self._counting is None:
+            self._counting = self._reactor.callLater(1.0, self._recount)
+
+    def _recount(self) -> None:
+        self._counting = None
+        Deferred.fromCoroutine(self._count_swarms()).addErrback(
+            lambda f: self._log.failure("counting swarms failed", f)
+        )
+
+    async def _count_swarms(self) -> None:
+        by_status = dict.fromkeys(TaskStatus, 0)
+        peers: set[str] = set()
+        for task_id in await self.state.task_ids():
+            swarm = await self.state.get(task_id)
+            if swarm is not None:
+                by_status[swarm.task.status] += 1
+                peers.update(swarm.peers)
+        for status, count in by_status.items():
+            self.metrics.tasks.labels(status=status.value).set(count)
+        self.metrics.peers.set(len(peers))
+
+    def collect_garbage(self) -> "Deferred[None]":
+        """
+        Measure the cache and, when it is over its cap or the filesystem
+        under its free-space minimum, evict the least recently used cached
+        files of tasks no longer in memory.  A call while a round runs
+        makes one more round afterwards.
+        """
+        if self._collecting is not None:
+            self._collect_again = True
+            return succeed(None)
+        self._collecting = Deferred.fromCoroutine(self._collect_garbage())
+
+        def done(result: object) -> None:
+            self._collecting = None
+            if isinstance(result, Failure):
+                self._log.failure("cache garbage collection failed", result)
+            if self._collect_again:
+                self._collect_again = False
+                self.collect_garbage()
+
+        self._collecting.addBoth(done)
+        return self._collecting
+
+    async def _collect_garbage(self) -> None:
+        marks = Watermarks(self.settings.cache_limit, self.settings.min_free)
+        directory = self.store.directory
+        files = await self.store.in_thread(_scan, directory)
+        space = await self.store.in_thread(self._space_of, directory) if marks else None
+        used = sum(size for _, size, _ in files)
+        # Decided here, on the reactor thread, against what is in memory
+        # now: a task registered while the disk was measured is kept.
+        active = set(await self.state.task_ids())
+        entries = [
+            Entry(task_id, size, mtime)
+            for task_id, size, mtime in files
+            if task_id not in active
+        ]
+        trash = directory / ".trash"
+        moved = False
+        for entry, reason in choose(entries, used, space, marks):
+            task_id = entry.task_id
+            if task_id in self._fetches or task_id in self.store.tasks:
+                continue
+            # A rename is one quick metadata operation: done here, it takes
+            # the file away before anything can open it again; the slow
+            # unlink of its blocks happens on a thread.
+            _retire(self.store.path_for(task_id), trash)
+            moved = True
+            used -= entry.size
+            self.metrics.evictions.record(reason, entry.size)
+            self._log.info(
+                "evicted {task_id} from the cache: {bytes_freed} bytes freed "
+                "(reason: {reason})",
+                task_id=task_id,
+                bytes_freed=entry.size,
+                reason=reason,
             )
-            for task_id in evicted:
-                self._log.info("evicted {task_id} from the cache", task_id=task_id)
+        if moved:
+            await self.store.in_thread(shutil.rmtree, trash, True)
+        self.metrics.cache_bytes.set(used)
 
     def stop(self) -> None:
+        if self._counting is not None and self._counting.active():
+            self._counting.cancel()
+        self._counting = None
         for fetch in list(self._fetches.values()):
             fetch.stop()
         for task_id in list(self._waiters):
@@ -478,30 +615,31 @@ class Supernode:
         self.store.close()
 
 
-def _evict(directory: Path, limit: int, active: set[str]) -> list[str]:
+def _scan(directory: Path) -> list[tuple[str, int, float]]:
     """
-    Delete the least recently used cached tasks not in memory until the
-    cache holds at most C{limit} bytes.  Runs on a thread.
+    Every cached data file's task id, size and last use (its mtime).  Runs
+    on a thread.
     """
-    entries = []
-    total = 0
+    # What an interrupted round left behind.
+    shutil.rmtree(directory / ".trash", ignore_errors=True)
+    files = []
     for data in directory.glob("??/*"):
         if data.suffix:
             continue
-        stat = data.stat()
-        total += stat.st_size
-        entries.append((stat.st_mtime, stat.st_size, data))
-    evicted = []
-    for _, size, data in sorted(entries):
-        if total <= limit:
-            break
-        if data.name in active:
-            continue
-        data.unlink(missing_ok=True)
-        data.with_suffix(".json").unlink(missing_ok=True)
-        total -= size
-        evicted.append(data.name)
-    return evicted
+        with suppress(FileNotFoundError):
+            stat = data.stat()
+            files.append((data.name, stat.st_size, stat.st_mtime))
+    return files
+
+
+def _retire(data: Path, trash: Path) -> None:
+    """
+    Move a cached file and its meta out of the cache, into C{trash}.
+    """
+    trash.mkdir(exist_ok=True)
+    for path in (data, data.with_suffix(".json")):
+        with suppress(FileNotFoundError):
+            os.replace(path, trash / path.name)
 
 
 def _touch(path: Path) -> None:

@@ -11,6 +11,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.web.server import Site
 
+from dragonfly.gc import FreeSpace, parse_free_space
 from dragonfly.http import http_client
 from dragonfly.options import (
     TLS_PARAMETERS,
@@ -111,6 +112,15 @@ class Options(usage.Options):
             size_option("cache-limit"),
         ],
         [
+            "min-free-space",
+            None,
+            FreeSpace(),
+            "Evict least recently used cached files while the cache's filesystem "
+            "has less free space than this, a size or a percentage such as 5% "
+            "(default: no minimum).",
+            converted(parse_free_space, "min-free-space"),
+        ],
+        [
             "source-timeout",
             None,
             30.0,
@@ -172,6 +182,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
         task_expire=options["task-expire"],
         peer_expire=options["peer-expire"],
         cache_limit=options["cache-limit"],
+        min_free=options["min-free-space"],
         header_timeout=options["source-timeout"],
     )
     http = http_client(reactor)
@@ -183,6 +194,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
         Identity(f"cdnnode:{settings.advertise_ip}", supernode.address),
         reactor,
     )
+    supernode.metrics.watch_piece_server(lambda: pieces.stats)
     top = MultiService()
     listen_ip = options["listen-ip"]
     StreamServerEndpointService(
@@ -191,7 +203,9 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
     StreamServerEndpointService(
         _listen(reactor, options["download-port"], listen_ip, tls), pieces
     ).setServiceParent(top)
-    TimerService(10.0, supernode.collect).setServiceParent(top)
+    housekeeping = TimerService(10.0, supernode.collect)
+    housekeeping.clock = reactor
+    housekeeping.setServiceParent(top)
     _Stopper(supernode, pieces).setServiceParent(top)
     return top, supernode
 
