@@ -20,6 +20,7 @@ from dragonfly.supernode.service import (
     UnknownTask,
 )
 from dragonfly.supernode.state import PeerInfo
+from dragonfly.supernode.status import StatusPage, snapshot
 from dragonfly.tasks import InvalidRequest
 
 
@@ -70,6 +71,7 @@ class SupernodeApi(JsonApi):
         self.route(b"POST", ("v1", "tasks", "*", "schedule"), self.schedule)
         self.route(b"DELETE", ("v1", "tasks", "*", "peers", "*"), self.leave)
         self.route(b"POST", ("v1", "peers", "*", "heartbeat"), self.heartbeat)
+        self.route(b"GET", ("v1", "status"), self.status)
 
     async def register(self, request: Request, params: list[str]) -> Any:
         body = read_json(request)
@@ -131,6 +133,9 @@ class SupernodeApi(JsonApi):
         with _errors():
             return await self.supernode.task_info(params[0])
 
+    async def status(self, request: Request, params: list[str]) -> Any:
+        return await snapshot(self.supernode)
+
 
 @contextmanager
 def _errors() -> Iterator[None]:
@@ -153,9 +158,11 @@ def _errors() -> Iterator[None]:
 
 def root(supernode: Supernode) -> Resource:
     """
-    The API's resource tree: C{/_ping} and C{/api/v1/...}.
+    The API's resource tree: the status page C{/}, C{/_ping} and
+    C{/api/v1/...}.
     """
     top = Resource()
+    top.putChild(b"", StatusPage(supernode))
     top.putChild(b"_ping", Data(b"OK", "text/plain"))
     top.putChild(b"api", SupernodeApi(supernode))
     return top

@@ -30,11 +30,13 @@ from dragonfly.supernode.state import (
     TaskInfo,
     TaskStatus,
 )
+from dragonfly.supernode.transfers import TransferLog
 from dragonfly.tasks import (
     InvalidRequest,
     check_digest,
     check_task_id,
     check_url,
+    piece_bounds,
     piece_size_for,
     task_id_for,
 )
@@ -103,6 +105,15 @@ class Supernode:
         self._fetches: dict[str, CdnFetch] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self.bytes_from_source = 0
+        self.transfers = TransferLog(reactor)
+
+    @property
+    def source_bytes(self) -> int:
+        """
+        Bytes read from sources so far, by finished and running fetches.
+        """
+        running = sum(fetch.bytes_from_source for fetch in self._fetches.values())
+        return self.bytes_from_source + running
 
     @property
     def address(self) -> str:
@@ -235,7 +246,14 @@ class Supernode:
         deadline = self._reactor.seconds() + wait
         swarm = await self._swarm_of(task_id, peer_id)
         limits = self.settings.limits
-        scheduler.record_finished(swarm, peer_id, finished)
+        task = swarm.task
+        for piece, source in scheduler.record_finished(swarm, peer_id, finished):
+            size = (
+                piece_bounds(piece, task.piece_size, task.length)[1]
+                if task.length is not None
+                else task.piece_size
+            )
+            self.transfers.record(task_id, source, peer_id, size)
         for failure in failed:
             source = (
                 SUPERNODE if failure.source.startswith("cdnnode:") else failure.source
@@ -452,6 +470,7 @@ class Supernode:
             if idle:
                 self._log.info("task {task_id} expired", task_id=task_id)
                 await self.state.drop(task_id)
+                self.transfers.forget(task_id)
                 task_file = self.store.tasks.pop(task_id, None)
                 if task_file is not None:
                     task_file.close()
