@@ -224,17 +224,18 @@ main { padding: 16px 24px 32px; max-width: 1200px; }
 h2 { font-size: 16px; margin: 24px 0 8px; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; }
 .card { background: #fff; border: 1px solid var(--line); border-radius: 8px;
-  padding: 10px 16px; min-width: 150px; }
-.card .k { color: var(--muted); font-size: 12px; text-transform: uppercase;
+  padding: 10px 14px; flex: 1 1 120px; }
+.card .k { color: var(--muted); font-size: 11px; text-transform: uppercase;
   letter-spacing: .04em; }
 .card .v { font-size: 22px; font-weight: 600; }
 .card.saved .v { color: var(--peer); font-size: 30px; }
 .split { margin-top: 12px; height: 14px; border-radius: 7px; overflow: hidden;
-  display: flex; background: var(--line); max-width: 720px; }
+  display: flex; background: var(--line); }
 .split .p { background: var(--peer); } .split .s { background: var(--sn); }
 .legend { color: var(--muted); font-size: 12px; margin-top: 4px; }
 .dot { display: inline-block; width: 10px; height: 10px; border-radius: 5px;
   margin: 0 4px 0 10px; vertical-align: -1px; }
+td .dot { margin-left: 0; }
 .dot.p { background: var(--peer); } .dot.s { background: var(--sn); }
 table { border-collapse: collapse; background: #fff; width: 100%;
   border: 1px solid var(--line); border-radius: 8px; overflow: hidden; }
@@ -242,6 +243,7 @@ th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--lin
   vertical-align: top; }
 th { background: #eef2f6; font-weight: 600; font-size: 12px; color: #3e4c59; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num, th, td.fetch { white-space: nowrap; }
 tr.peers > td { background: #fafbfc; padding: 4px 10px 10px 28px; }
 tr.peers table { font-size: 12px; }
 .url { word-break: break-all; font-family: ui-monospace, "DejaVu Sans Mono",
@@ -256,8 +258,11 @@ tr.peers table { font-size: 12px; }
 .status.done { background: #d6f0df; color: #1d6b3a; }
 .status.fetching { background: #dbeafe; color: #1e4f8a; }
 .status.failed { background: #fde2e2; color: #9b1c1c; }
+.swarm { display: flex; gap: 16px; align-items: flex-start; flex-wrap: wrap; }
 .graph { background: #fff; border: 1px solid var(--line); border-radius: 8px;
-  padding: 8px; max-width: 720px; }
+  padding: 8px; flex: 3 1 520px; max-width: 760px; }
+.graph .legend { padding: 0 8px 4px; }
+.senders { flex: 2 1 300px; }
 .graph svg { width: 100%; height: auto; display: block; }
 .empty { color: var(--muted); padding: 12px; background: #fff;
   border: 1px dashed var(--line); border-radius: 8px; }
@@ -280,7 +285,7 @@ def render_page(status: dict[str, Any]) -> str:
         "<title>Dragonfly supernode status</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<header><h1>Dragonfly supernode</h1>",
-        f'<span class="meta">pieces on {_e(status["supernode"]["address"])}'
+        f'<span class="meta">piece server {_e(status["supernode"]["address"])}'
         f" · updated {_e(updated)} · refreshes every {REFRESH_SECONDS} s</span>",
         "</header><main>",
         _summary(totals),
@@ -297,10 +302,10 @@ def _summary(totals: dict[str, Any]) -> str:
     by_supernode = totals["bytes_from_supernode"]
     cards = [
         ("saved", "bytes saved", _percent(totals["bytes_saved"])),
-        ("", "delivered to peers", _size(delivered)),
-        ("", "served by peers", _size(by_peers)),
-        ("", "served by supernode", _size(by_supernode)),
-        ("", "read from sources", _size(totals["bytes_from_source"])),
+        ("", "delivered", _size(delivered)),
+        ("", "by peers", _size(by_peers)),
+        ("", "by supernode", _size(by_supernode)),
+        ("", "from sources", _size(totals["bytes_from_source"])),
         ("", "tasks", str(totals["tasks"])),
         ("", "peers", str(totals["peers"])),
     ]
@@ -351,7 +356,7 @@ def _tasks_section(tasks: list[dict[str, Any]]) -> str:
             f'<td><span class="status {_e(task["status"])}">{_e(task["status"])}'
             f"</span>{error}</td>"
             f'<td class="num">{_size(task["length"])}</td>'
-            f"<td>{_bar(cached, count or 0)}{_e(progress)}</td>"
+            f'<td class="fetch">{_bar(cached, count or 0)}{_e(progress)}</td>'
             f'<td class="num peer-count">{task["peer_count"]}</td>'
             f'<td class="num">{_size(task["bytes_from_peers"])}</td>'
             f'<td class="num">{_size(task["bytes_from_supernode"])}</td>'
@@ -396,15 +401,52 @@ def _graph_section(graph: dict[str, Any]) -> str:
     minutes = graph["window_seconds"] / 60
     return (
         f"<section><h2>Who sent pieces to whom, last {minutes:g} minutes</h2>"
-        f'<div class="graph">{render_svg(graph)}</div>'
+        f'<div class="swarm"><div class="graph">{render_svg(graph)}'
         '<div class="legend">arrows point from the sender to the receiver; '
         "wider means more bytes"
         '<span class="dot s"></span>from the supernode'
-        '<span class="dot p"></span>between peers</div></section>'
+        '<span class="dot p"></span>between peers</div></div>'
+        f"{_senders(graph)}</div></section>"
     )
 
 
-WIDTH, HEIGHT = 720, 460
+def _senders(graph: dict[str, Any], limit: int = 15) -> str:
+    """
+    The nodes that sent or got the most in the window, with their totals.
+    """
+    nodes = graph["nodes"]
+    sent = [[0, 0] for _ in nodes]
+    got = [0] * len(nodes)
+    for edge in graph["edges"]:
+        sent[edge["from"]][0] += edge["bytes"]
+        sent[edge["from"]][1] += edge["pieces"]
+        got[edge["to"]] += edge["bytes"]
+    busy = [i for i in range(len(nodes)) if sent[i][0] or got[i]]
+    busy.sort(key=lambda i: (-sent[i][0], -got[i], i))
+    html = [
+        '<div class="senders"><table><thead><tr><th>node</th>'
+        '<th class="num">sent</th><th class="num">pieces</th>'
+        '<th class="num">received</th></tr></thead><tbody>'
+    ]
+    for i in busy[:limit]:
+        kind = "s" if i == 0 else "p"
+        html.append(
+            f'<tr><td><span class="dot {kind}"></span>'
+            f"{_e(_short(_node_label(nodes[i]), 24))}</td>"
+            f'<td class="num">{_size(sent[i][0])}</td>'
+            f'<td class="num">{sent[i][1]}</td>'
+            f'<td class="num">{_size(got[i])}</td></tr>'
+        )
+    if not busy:
+        html.append('<tr><td colspan="4" class="id">nothing sent yet</td></tr>')
+    html.append("</tbody></table>")
+    if len(busy) > limit:
+        html.append(f'<div class="id">and {len(busy) - limit} more</div>')
+    html.append("</div>")
+    return "".join(html)
+
+
+WIDTH, HEIGHT = 720, 440
 CENTRE = (WIDTH / 2, HEIGHT / 2)
 RADIUS = 170.0
 NODE_RADIUS = 14.0
@@ -450,10 +492,6 @@ def render_svg(graph: dict[str, Any]) -> str:
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'role="img" aria-label="transfers between the supernode and peers">',
-        "<defs>",
-        _marker("arrow-p", "#2e8b57"),
-        _marker("arrow-s", "#d9822b"),
-        "</defs>",
     ]
     for edge in edges:
         out.append(_edge(edge, where, nodes, heaviest))
@@ -474,45 +512,61 @@ def render_svg(graph: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _marker(name: str, colour: str) -> str:
-    return (
-        f'<marker id="{name}" viewBox="0 0 10 10" refX="9" refY="5" '
-        'markerUnits="userSpaceOnUse" markerWidth="11" markerHeight="11" '
-        f'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="{colour}"/></marker>'
-    )
-
-
 def _edge(
     edge: dict[str, Any],
     where: dict[int, tuple[float, float]],
     nodes: list[dict[str, Any]],
     heaviest: int,
 ) -> str:
+    """
+    One edge: an arc bending to the left of the direction of travel (so
+    that A->B and B->A are two arcs), from the sender's rim to an arrowhead
+    touching the receiver's rim, as wide as its share of the heaviest edge.
+    """
     (x1, y1), (x2, y2) = where[edge["from"]], where[edge["to"]]
+    start_rim = 22.0 if edge["from"] == 0 else NODE_RADIUS
+    end_rim = 22.0 if edge["to"] == 0 else NODE_RADIUS
     dx, dy = x2 - x1, y2 - y1
     length = math.hypot(dx, dy) or 1.0
     ux, uy = dx / length, dy / length
-    # Start and end at the rims, and bend to the left of the direction of
-    # travel, so that A->B and B->A are two separate arcs.
-    sx, sy = x1 + ux * NODE_RADIUS, y1 + uy * NODE_RADIUS
-    ex, ey = x2 - ux * (NODE_RADIUS + 2), y2 - uy * (NODE_RADIUS + 2)
-    bend = 0.12 * length
-    mx, my = (sx + ex) / 2 + uy * bend, (sy + ey) / 2 - ux * bend
+    bend = 0.15 * length
+    cx, cy = (x1 + x2) / 2 + uy * bend, (y1 + y2) / 2 - ux * bend
+    # Leave each node along the arc's own tangent, towards the control point.
+    sx, sy = _towards((x1, y1), (cx, cy), start_rim)
+    tx, ty = _towards((x2, y2), (cx, cy), end_rim + 1)
     width = 1.5 + 6.5 * edge["bytes"] / heaviest if heaviest else 1.5
+    head = 7.0 + 1.6 * width
+    bx, by = _towards((tx, ty), (cx, cy), head)
+    # The arrowhead: tip on the rim, base across the tangent.
+    ax, ay = tx - bx, ty - by
+    norm = math.hypot(ax, ay) or 1.0
+    px, py = -ay / norm * head * 0.55, ax / norm * head * 0.55
     from_supernode = edge["from"] == 0
     colour = "#d9822b" if from_supernode else "#2e8b57"
-    marker = "arrow-s" if from_supernode else "arrow-p"
     title = (
         f"{_node_label(nodes[edge['from']])} → {_node_label(nodes[edge['to']])}: "
         f"{_size(edge['bytes'])} in {edge['pieces']} pieces"
     )
     return (
-        f'<path class="edge" d="M{sx:.1f},{sy:.1f} Q{mx:.1f},{my:.1f} '
-        f'{ex:.1f},{ey:.1f}" fill="none" stroke="{colour}" '
-        f'stroke-width="{width:.1f}" stroke-opacity="0.8" '
-        f'marker-end="url(#{marker})" data-bytes="{edge["bytes"]}">'
-        f"<title>{_e(title)}</title></path>"
+        f'<g class="link"><path class="edge" d="M{sx:.1f},{sy:.1f} '
+        f'Q{cx:.1f},{cy:.1f} {bx:.1f},{by:.1f}" fill="none" stroke="{colour}" '
+        f'stroke-width="{width:.1f}" stroke-opacity="0.75" '
+        f'stroke-linecap="round" data-bytes="{edge["bytes"]}"/>'
+        f'<polygon points="{tx:.1f},{ty:.1f} {bx + px:.1f},{by + py:.1f} '
+        f'{bx - px:.1f},{by - py:.1f}" fill="{colour}"/>'
+        f"<title>{_e(title)}</title></g>"
     )
+
+
+def _towards(
+    origin: tuple[float, float], target: tuple[float, float], distance: float
+) -> tuple[float, float]:
+    """
+    The point C{distance} from C{origin} on the way to C{target}.
+    """
+    dx, dy = target[0] - origin[0], target[1] - origin[1]
+    norm = math.hypot(dx, dy) or 1.0
+    return origin[0] + dx / norm * distance, origin[1] + dy / norm * distance
 
 
 def _node(node: dict[str, Any], at: tuple[float, float]) -> str:
