@@ -465,5 +465,11 @@ async def test_scheduling_reports_become_transfers_on_both_routes(
     assert url in _Texts.of(page).text
     assert page.count('class="edge"') == 2
     assert _Texts.of(page).card("bytes saved") == "50%"
+    d = served.client.head(f"http://127.0.0.1:{served.api_port}/")
+    d.addTimeout(TIMEOUT, reactor)
+    head = await d
+    assert head.code == 200
+    (length_header,) = head.headers.getRawHeaders("content-length")
+    assert int(length_header) > 1000
     code, _, _ = await served.get("/nothing-here")
     assert code == 404

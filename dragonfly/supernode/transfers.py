@@ -26,7 +26,7 @@ WINDOW = 300.0
 MAX_RECORDS = 20000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """
     One piece delivered: C{source} (a peer id, or L{SUPERNODE}) sent
