@@ -171,8 +171,12 @@ def _read_port(proc: subprocess.Popen[Any], timeout: float) -> int:
 
 
 def start_source(
-    processes: Processes, directory: Path, host: str = "127.0.0.1"
+    processes: Processes, directory: Path, host: str = "127.0.0.1", rate: int = 0
 ) -> SourceServer:
+    """
+    The counting source on C{host}, serving C{directory/source}; with
+    C{rate}, each response body goes at most that many bytes per second.
+    """
     root = directory / "source"
     root.mkdir(parents=True, exist_ok=True)
     log = directory / "source-requests.jsonl"
@@ -189,6 +193,8 @@ def start_source(
             "0",
             "--log",
             str(log),
+            "--rate",
+            str(rate),
         ],
         stdout=subprocess.PIPE,
         stderr=stderr,

@@ -2,7 +2,7 @@
 A counting HTTP file server for the loopback tests (stdlib only).
 
     python tests/source_server.py --root DIR --bind 127.0.0.1 --port 0 \\
-        --log requests.jsonl
+        --log requests.jsonl [--rate BYTES_PER_SECOND]
 
 Serves the files under C{--root} with Content-Length, ETag and
 Last-Modified; honours single C{Range} requests (206/416), C{If-Range} and
@@ -14,7 +14,9 @@ appends one JSON line to C{--log}::
 
 where C{bytes_sent} counts body bytes actually handed to the socket (a client
 hanging up early shows a short count and C{complete: false}).  Once listening
-it prints C{PORT <n>} on stdout (useful with C{--port 0}).
+it prints C{PORT <n>} on stdout (useful with C{--port 0}).  C{--rate} caps
+each response body at that many bytes per second, for tests that need a
+download to stay running for a while.
 """
 
 import argparse
@@ -38,6 +40,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "CountingSource/1.0"
     root: Path
     log_path: Path
+    rate = 0
     lock = threading.Lock()
 
     def log_message(self, format: str, *args: object) -> None:
@@ -123,15 +126,22 @@ class Handler(BaseHTTPRequestHandler):
         sent = 0
         complete = True
         if self.command != "HEAD":
+            chunk = min(CHUNK, max(1, self.rate // 20)) if self.rate else CHUNK
+            began = time.monotonic()
             try:
                 with open(path, "rb") as f:
                     f.seek(start)
                     while sent < length:
-                        data = f.read(min(CHUNK, length - sent))
+                        data = f.read(min(chunk, length - sent))
                         if not data:
                             break
                         self.wfile.write(data)
                         sent += len(data)
+                        if self.rate:
+                            # Sleep until the bytes sent so far are due.
+                            ahead = sent / self.rate - (time.monotonic() - began)
+                            if ahead > 0:
+                                time.sleep(ahead)
             except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                 self.close_connection = True
             complete = sent == length
@@ -144,8 +154,12 @@ def main() -> None:
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--log", required=True, type=Path)
+    p.add_argument("--rate", type=int, default=0, help="bytes per second per body")
     args = p.parse_args()
+    if args.rate < 0:
+        p.error("--rate must not be negative")
     Handler.root = args.root.resolve()
+    Handler.rate = args.rate
     Handler.log_path = args.log
     args.log.touch()
     server = ThreadingHTTPServer((args.bind, args.port), Handler)

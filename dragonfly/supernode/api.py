@@ -21,6 +21,7 @@ from dragonfly.supernode.service import (
     UnknownTask,
 )
 from dragonfly.supernode.state import PeerInfo
+from dragonfly.supernode.status import StatusPage, snapshot
 from dragonfly.tasks import InvalidRequest
 
 
@@ -71,6 +72,7 @@ class SupernodeApi(JsonApi):
         self.route(b"POST", ("v1", "tasks", "*", "schedule"), self.schedule)
         self.route(b"DELETE", ("v1", "tasks", "*", "peers", "*"), self.leave)
         self.route(b"POST", ("v1", "peers", "*", "heartbeat"), self.heartbeat)
+        self.route(b"GET", ("v1", "status"), self.status)
 
     async def register(self, request: Request, params: list[str]) -> Any:
         body = read_json(request)
@@ -132,6 +134,9 @@ class SupernodeApi(JsonApi):
         with _errors():
             return await self.supernode.task_info(params[0])
 
+    async def status(self, request: Request, params: list[str]) -> Any:
+        return await snapshot(self.supernode)
+
 
 @contextmanager
 def _errors() -> Iterator[None]:
@@ -154,9 +159,11 @@ def _errors() -> Iterator[None]:
 
 def root(supernode: Supernode) -> Resource:
     """
-    The API's resource tree: C{/_ping}, C{/api/v1/...} and C{/metrics}.
+    The API's resource tree: the status page C{/}, C{/_ping},
+    C{/api/v1/...} and C{/metrics}.
     """
     top = Resource()
+    top.putChild(b"", StatusPage(supernode))
     top.putChild(b"_ping", Data(b"OK", "text/plain"))
     top.putChild(b"api", SupernodeApi(supernode))
     top.putChild(b"metrics", MetricsResource(supernode.metrics.registry))

@@ -134,11 +134,17 @@ def schedule(
     return chosen
 
 
-def record_finished(swarm: Swarm, peer_id: str, pieces: list[int]) -> None:
+def record_finished(
+    swarm: Swarm, peer_id: str, pieces: list[int]
+) -> list[tuple[int, str]]:
     """
     A peer verified and holds C{pieces}; their leases are done.
+
+    @return: C{(piece, source)} for each reported piece that was leased,
+        naming the node that served it.
     """
     swarm.holdings.setdefault(peer_id, set())
+    served = []
     for piece in pieces:
         if piece not in swarm.task.pieces:
             continue
@@ -148,6 +154,8 @@ def record_finished(swarm: Swarm, peer_id: str, pieces: list[int]) -> None:
             swarm.served[lease.source] = swarm.served.get(lease.source, 0) + 1
             swarm.failures.pop(lease.source, None)
             swarm.requester_failures.pop(peer_id, None)
+            served.append((piece, lease.source))
+    return served
 
 
 def record_failed(

@@ -37,11 +37,13 @@ from dragonfly.supernode.state import (
     TaskInfo,
     TaskStatus,
 )
+from dragonfly.supernode.transfers import TransferLog
 from dragonfly.tasks import (
     InvalidRequest,
     check_digest,
     check_task_id,
     check_url,
+    piece_bounds,
     piece_size_for,
     task_id_for,
 )
@@ -122,6 +124,15 @@ class Supernode:
         self._collecting: Deferred[None] | None = None
         self._collect_again = False
         self._counting: IDelayedCall | None = None
+        self.transfers = TransferLog(reactor)
+
+    @property
+    def source_bytes(self) -> int:
+        """
+        Bytes read from sources so far, by finished and running fetches.
+        """
+        running = sum(fetch.bytes_from_source for fetch in self._fetches.values())
+        return self.bytes_from_source + running
 
     @property
     def address(self) -> str:
@@ -261,7 +272,14 @@ class Supernode:
         limits = self.settings.limits
         # CPU time of the decisions, not the clock of the long poll.
         started = time.perf_counter()
-        scheduler.record_finished(swarm, peer_id, finished)
+        task = swarm.task
+        for piece, source in scheduler.record_finished(swarm, peer_id, finished):
+            size = (
+                piece_bounds(piece, task.piece_size, task.length)[1]
+                if task.length is not None
+                else task.piece_size
+            )
+            self.transfers.record(task_id, source, peer_id, size)
         for failure in failed:
             source = (
                 SUPERNODE if failure.source.startswith("cdnnode:") else failure.source
@@ -504,6 +522,7 @@ class Supernode:
                 )
                 self.metrics.evictions.record("expired", 0)
                 await self.state.drop(task_id)
+                self.transfers.forget(task_id)
                 task_file = self.store.tasks.pop(task_id, None)
                 if task_file is not None:
                     task_file.close()
