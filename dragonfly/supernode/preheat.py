@@ -46,6 +46,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredSemaphore,
+    FirstError,
     gatherResults,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -487,9 +488,6 @@ class Preheater:
             await self._fetch_all(preheat, headers)
         except _Failed as e:
             preheat.fail(e.code, e.message, self._reactor.seconds())
-        except Exception as e:
-            self._log.failure("preheat {id} failed", id=preheat.id)
-            preheat.fail("internal", str(e), self._reactor.seconds())
         except CancelledError:
             preheat.fail("stopped", "the supernode stopped", self._reactor.seconds())
             for task in preheat.tasks:
@@ -497,6 +495,9 @@ class Preheater:
                     task.state = "failed"
                     task.error = "the supernode stopped"
             return
+        except Exception as e:
+            self._log.failure("preheat {id} failed", id=preheat.id)
+            preheat.fail("internal", str(e), self._reactor.seconds())
         else:
             failed = [task for task in preheat.tasks if task.state != "success"]
             if failed:
@@ -523,9 +524,12 @@ class Preheater:
         ]
         try:
             await gatherResults(fetches, consumeErrors=True)
-        except BaseException:
+        except BaseException as e:
             for d in fetches:
                 d.cancel()
+            if isinstance(e, FirstError):
+                # The first fetch's own error (a cancellation, at a stop).
+                e.subFailure.raiseException()
             raise
 
     async def _fetch(
