@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from loopback import Dfget, Processes, SourceServer, run_dfget_args, start_supernode
+from registry_env import push, start_registry
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
@@ -685,3 +686,66 @@ def test_dfget_preheat_then_dfget_is_served_from_the_cache(
     assert failed.returncode == 3, failed.stderr
     assert "preheat FAIL(3)" in failed.stderr
     assert "HTTP 404" in failed.stderr
+
+
+# A real registry --------------------------------------------------------------
+
+
+@pytest.mark.registry
+@pytest_twisted.ensureDeferred
+async def test_image_preheat_from_a_real_registry(
+    harness: Harness, processes: Processes, work: Path
+) -> None:
+    """
+    A real C{docker-registry} serving a Docker manifest list of linux/amd64
+    and linux/arm64 (pushed by skopeo): preheating it by reference caches
+    every blob of both platforms with its sha256, each fetched from the
+    registry exactly once; a second image preheated for linux/arm64 only
+    fetches that platform's blobs and nothing of the other.
+    """
+    registry = start_registry(processes, work / "registry")
+    layout = ImageLayout(work / "layout")
+    images = [
+        layout.make_image([200_000, 3_000], architecture=arch)
+        for arch in ("amd64", "arm64")
+    ]
+    index = layout.make_index(images)
+    push(layout, "v1", registry, "dfly/multi", index)
+    mark = registry.mark()
+
+    preheat = await harness.preheat(
+        {
+            "type": "image",
+            "image": f"{registry.address}/dfly/multi:v1",
+            "registry_scheme": "http",
+        },
+        timeout=60,
+    )
+    assert preheat["state"] == "success", preheat
+    wanted = blob_digests(index, ("amd64", "arm64"))
+    assert {task["digest"] for task in preheat["tasks"]} == wanted
+    for digest in wanted:
+        task_id = task_id_for("", digest=digest)
+        assert cached_sha256(harness.supernode, task_id) == digest[len("sha256:") :]
+    registry.settle()
+    assert registry.blob_gets(mark) == {digest: 1 for digest in wanted}
+
+    other = ImageLayout(work / "layout2")
+    second = other.make_index(
+        [other.make_image([50_000], architecture=a) for a in ("amd64", "arm64")]
+    )
+    push(other, "v2", registry, "dfly/multi", second)
+    mark = registry.mark()
+    preheat = await harness.preheat(
+        {
+            "type": "image",
+            "url": f"{registry.url}/v2/dfly/multi/manifests/v2",
+            "platforms": ["linux/arm64"],
+        },
+        timeout=60,
+    )
+    assert preheat["state"] == "success", preheat
+    arm64 = blob_digests(second, ("arm64",))
+    assert {task["digest"] for task in preheat["tasks"]} == arm64
+    registry.settle()
+    assert registry.blob_gets(mark) == {digest: 1 for digest in arm64}
