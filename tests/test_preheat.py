@@ -700,8 +700,8 @@ async def test_image_preheat_from_a_real_registry(
     A real C{docker-registry} serving a Docker manifest list of linux/amd64
     and linux/arm64 (pushed by skopeo): preheating it by reference caches
     every blob of both platforms with its sha256, each fetched from the
-    registry exactly once; a second image preheated for linux/arm64 only
-    fetches that platform's blobs and nothing of the other.
+    registry exactly once; a second image, an OCI index, preheated by URL
+    for linux/arm64 only fetches that platform's blobs.
     """
     registry = start_registry(processes, work / "registry")
     layout = ImageLayout(work / "layout")
@@ -732,7 +732,11 @@ async def test_image_preheat_from_a_real_registry(
 
     other = ImageLayout(work / "layout2")
     second = other.make_index(
-        [other.make_image([50_000], architecture=a) for a in ("amd64", "arm64")]
+        [
+            other.make_image([50_000], architecture=a, format="oci")
+            for a in ("amd64", "arm64")
+        ],
+        format="oci",
     )
     push(other, "v2", registry, "dfly/multi", second)
     mark = registry.mark()
