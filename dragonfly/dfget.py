@@ -425,6 +425,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     The C{dfget} console script.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["preheat"]:
+        from dragonfly.preheat_cli import main as preheat_main
+
+        preheat_main(argv[1:])
+        return
     args = parse_args(argv)
 
     async def run(reactor: Any) -> None:

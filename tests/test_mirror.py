@@ -38,9 +38,9 @@ from dragonfly.peer.engine import DownloadError, DownloadRequest, DownloadResult
 from dragonfly.peer.mirror import (
     PlainHTTPChannel,
     RegistryMirror,
-    parse_challenge,
     parse_range,
 )
+from dragonfly.registry_auth import parse_challenge
 from dragonfly.tasks import task_id_for
 
 UPSTREAM = "http://registry.test"

@@ -46,10 +46,14 @@ from dragonfly.http import (
     HOP_BY_HOP,
     as_text,
     end_to_end_headers,
-    read_bounded,
 )
 from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
+from dragonfly.registry_auth import (
+    bearer_challenge,
+    pull_scope,
+    request_token,
+)
 from dragonfly.tasks import task_id_for
 
 _NAME = (
@@ -80,17 +84,6 @@ def registry_error(request: Request, status: int, code: str, message: str) -> No
 def _header(headers: Headers, name: bytes) -> str:
     values = headers.getRawHeaders(name)
     return values[0].decode("latin-1") if values else ""
-
-
-def parse_challenge(value: str) -> dict[str, str]:
-    """
-    The parameters of a C{Bearer realm="...",service="...",scope="..."}
-    challenge (empty if it is not a Bearer challenge).
-    """
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() != "bearer":
-        return {}
-    return {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
 
 
 def parse_range(header: str, length: int) -> tuple[int, int] | None:
@@ -367,22 +360,14 @@ class RegistryMirror(Resource):
         response: IResponse = await self._http.head(url, timeout=self._timeout)
         if response.code != 401:
             return []
-        challenge = parse_challenge(_header(response.headers, b"www-authenticate"))
-        if not challenge.get("realm"):
+        challenge = bearer_challenge(response.headers)
+        if not challenge:
             return []
-        params = {
-            "service": challenge.get("service", ""),
-            "scope": f"repository:{name}:pull",
-        }
-        answer: IResponse = await self._http.get(
-            challenge["realm"] + "?" + urlencode(params), timeout=self._timeout
+        token = await request_token(
+            self._http, challenge, pull_scope(name), timeout=self._timeout
         )
-        body = json.loads(await read_bounded(answer, 1 << 20))
-        token = body.get("token") or body.get("access_token") or ""
-        if token:
-            self._tokens[f"{upstream} {name}"] = token
-            return [f"Bearer {token}"]
-        return []
+        self._tokens[f"{upstream} {name}"] = token
+        return [f"Bearer {token}"]
 
     async def _blob(
         self, request: Request, upstream: str, name: str, digest: str

@@ -126,12 +126,21 @@ class SupernodeClient:
         @raise SupernodeRefused: if one refuses the request itself (a bad URL,
             or the source's error).
         """
+        return await self.post_first("/api/v1/tasks", body, timeout)
+
+    async def post_first(
+        self, path: str, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """
+        POST C{body} to C{path} on the first supernode that answers, as
+        L{register} does, and stick to that one.
+        """
         errors = []
         for step in range(len(self.nodes)):
             index = (self._current + step) % len(self.nodes)
             node = self.nodes[index]
             try:
-                reply = await self._call(node, "POST", "/api/v1/tasks", body, timeout)
+                reply = await self._call(node, "POST", path, body, timeout)
             except SupernodeUnavailable as e:
                 errors.append(f"{node}: {e}")
                 continue
@@ -144,6 +153,12 @@ class SupernodeClient:
         Move on from a supernode that stopped answering.
         """
         self._current = (self._current + 1) % len(self.nodes)
+
+    async def get(self, path: str, timeout: float) -> dict[str, Any]:
+        """
+        GET C{path} from the supernode in use.
+        """
+        return await self._call(self.node, "GET", path, None, timeout)
 
     async def schedule(
         self, task_id: str, body: dict[str, Any], timeout: float

@@ -8,12 +8,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.static import Data
 
-from dragonfly.jsonapi import ApiError, JsonApi, field, read_json
+from dragonfly.jsonapi import ApiError, JsonApi, field, read_json, write_json
 from dragonfly.metrics import MetricsResource
 from dragonfly.supernode.cdn import ContentMismatch, SourceError
+from dragonfly.supernode.preheat import PreheatBusy, Preheater
+from dragonfly.supernode.preheat import parse_request as parse_preheat
 from dragonfly.supernode.service import (
     FailedPiece,
     Registration,
@@ -73,6 +75,10 @@ class SupernodeApi(JsonApi):
         self.route(b"DELETE", ("v1", "tasks", "*", "peers", "*"), self.leave)
         self.route(b"POST", ("v1", "peers", "*", "heartbeat"), self.heartbeat)
         self.route(b"GET", ("v1", "status"), self.status)
+        self.preheats = Preheater(supernode)
+        self.route(b"POST", ("v1", "preheats"), self.start_preheat)
+        self.route(b"GET", ("v1", "preheats"), self.list_preheats)
+        self.route(b"GET", ("v1", "preheats", "*"), self.preheat_info)
 
     async def register(self, request: Request, params: list[str]) -> Any:
         body = read_json(request)
@@ -136,6 +142,32 @@ class SupernodeApi(JsonApi):
 
     async def status(self, request: Request, params: list[str]) -> Any:
         return await snapshot(self.supernode)
+
+    async def start_preheat(self, request: Request, params: list[str]) -> Any:
+        body = read_json(request)
+        headers = _headers(body.get("headers") or {})
+        with _errors():
+            preheat_request = parse_preheat(body, headers)
+        try:
+            preheat = self.preheats.start(preheat_request)
+        except PreheatBusy as e:
+            raise ApiError(429, "busy", str(e)) from e
+        request.setHeader("location", f"/api/v1/preheats/{preheat.id}")
+        write_json(request, 202, preheat.to_json())
+        return NOT_DONE_YET
+
+    async def list_preheats(self, request: Request, params: list[str]) -> Any:
+        preheats = self.preheats.recent()
+        for preheat in preheats:
+            await self.preheats.refresh(preheat)
+        return {"preheats": [preheat.summary() for preheat in preheats]}
+
+    async def preheat_info(self, request: Request, params: list[str]) -> Any:
+        preheat = self.preheats.get(params[0])
+        if preheat is None:
+            raise ApiError(404, "unknown", f"unknown preheat {params[0]}")
+        await self.preheats.refresh(preheat)
+        return preheat.to_json()
 
 
 @contextmanager

@@ -125,6 +125,7 @@ class Supernode:
         self._collect_again = False
         self._counting: IDelayedCall | None = None
         self.transfers = TransferLog(reactor)
+        self._stop_hooks: list[Callable[[], None]] = []
 
     @property
     def source_bytes(self) -> int:
@@ -133,6 +134,24 @@ class Supernode:
         """
         running = sum(fetch.bytes_from_source for fetch in self._fetches.values())
         return self.bytes_from_source + running
+
+    @property
+    def reactor(self) -> Any:
+        return self._reactor
+
+    @property
+    def http(self) -> Any:
+        """
+        The treq client the CDN fetches sources with.
+        """
+        return self._http
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """
+        Call C{hook} when the supernode stops, before its fetches are ended
+        (for work built on top of it, such as preheats).
+        """
+        self._stop_hooks.append(hook)
 
     @property
     def address(self) -> str:
@@ -154,48 +173,16 @@ class Supernode:
         @raise InvalidRequest: bad URL or digest.
         @raise SourceError: the source refused or failed.
         """
-        check_url(registration.url)
-        if registration.digest:
-            check_digest(registration.digest)
-        task_id = task_id_for(
+        swarm = await self.open_task(
             registration.url,
-            registration.filters,
+            registration.headers,
             registration.digest,
             registration.identifier,
+            registration.filters,
         )
-        now = self._reactor.seconds()
-        swarm = await self.state.get(task_id)
-        if swarm is None or (
-            swarm.task.status is TaskStatus.FAILED and task_id not in self._fetches
-        ):
-            swarm = Swarm(
-                TaskInfo(
-                    task_id,
-                    registration.url,
-                    self.settings.piece_size or piece_size_for(None),
-                    digest=registration.digest,
-                    created=now,
-                    last_access=now,
-                ),
-                peers=swarm.peers if swarm else {},
-            )
-            await self.state.put(swarm)
-            self._start_fetch(swarm.task, registration.headers)
-        fetch = self._fetches.get(task_id)
-        if fetch is not None:
-            waiting = fetch.headers_known()
-            waiting.addTimeout(self.settings.header_timeout, self._reactor)
-            try:
-                await waiting
-            except DeferredTimeout:
-                raise SourceError("the source did not answer in time", 504) from None
-            swarm = await self.state.get(task_id)
-            assert swarm is not None
         task = swarm.task
-        if task.status is TaskStatus.FAILED:
-            if task.error_kind == "digest":
-                raise ContentMismatch(task.error)
-            raise SourceError(task.error, task.source_status)
+        task_id = task.task_id
+        now = self._reactor.seconds()
         registration.peer.last_seen = now
         swarm.peers[registration.peer.peer_id] = registration.peer
         swarm.holdings.setdefault(registration.peer.peer_id, set())
@@ -220,6 +207,78 @@ class Supernode:
                 "address": self.address,
             },
         }
+
+    async def open_task(
+        self,
+        url: str,
+        headers: dict[str, list[str]],
+        digest: str = "",
+        identifier: str = "",
+        filters: list[str] | None = None,
+    ) -> Swarm:
+        """
+        The swarm of a task, created with its source fetch started when the
+        supernode does not have it (or it failed and is not being fetched),
+        once the source has answered with the length.  A registration does
+        this before adding its peer; a preheat does only this.
+
+        @raise InvalidRequest: bad URL or digest.
+        @raise SourceError: the source refused or failed.
+        """
+        check_url(url)
+        if digest:
+            check_digest(digest)
+        task_id = task_id_for(url, filters or [], digest, identifier)
+        now = self._reactor.seconds()
+        swarm = await self.state.get(task_id)
+        if swarm is None or (
+            swarm.task.status is TaskStatus.FAILED and task_id not in self._fetches
+        ):
+            swarm = Swarm(
+                TaskInfo(
+                    task_id,
+                    url,
+                    self.settings.piece_size or piece_size_for(None),
+                    digest=digest,
+                    created=now,
+                    last_access=now,
+                ),
+                peers=swarm.peers if swarm else {},
+            )
+            await self.state.put(swarm)
+            self._start_fetch(swarm.task, headers)
+        fetch = self._fetches.get(task_id)
+        if fetch is not None:
+            waiting = fetch.headers_known()
+            waiting.addTimeout(self.settings.header_timeout, self._reactor)
+            try:
+                await waiting
+            except DeferredTimeout:
+                raise SourceError("the source did not answer in time", 504) from None
+            swarm = await self.state.get(task_id)
+            assert swarm is not None
+        task = swarm.task
+        if task.status is TaskStatus.FAILED:
+            if task.error_kind == "digest":
+                raise ContentMismatch(task.error)
+            raise SourceError(task.error, task.source_status)
+        return swarm
+
+    async def wait_fetched(self, task_id: str, timeout: float) -> TaskInfo | None:
+        """
+        Wait, at most C{timeout} seconds, until the CDN has fetched a task
+        whole or failed, waking at each piece; the task as it then is
+        (C{None} if the supernode dropped it).
+        """
+        deadline = self._reactor.seconds() + timeout
+        while True:
+            swarm = await self.state.get(task_id)
+            if swarm is None:
+                return None
+            now = self._reactor.seconds()
+            if swarm.task.status is not TaskStatus.FETCHING or now >= deadline:
+                return swarm.task
+            await self._wait_for_change(task_id, deadline - now)
 
     def _start_fetch(self, task: TaskInfo, headers: dict[str, list[str]]) -> None:
         task_id = task.task_id
@@ -624,6 +683,8 @@ class Supernode:
         self.metrics.cache_bytes.set(used)
 
     def stop(self) -> None:
+        for hook in self._stop_hooks:
+            hook()
         if self._counting is not None and self._counting.active():
             self._counting.cancel()
         self._counting = None
