@@ -427,6 +427,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     The C{dfget} console script.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["doctor"]:
+        from dragonfly import doctor
+
+        raise SystemExit(doctor.main(argv[1:]))
     args = parse_args(argv)
 
     async def run(reactor: Any) -> None:
