@@ -4,6 +4,7 @@ for dfget; what a file may say, how its mistakes are reported, and that
 flags win over the file, which wins over the defaults.
 """
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -364,3 +365,29 @@ def test_twistd_supernode_listens_on_the_config_file_port(
     )
     wait_for_ping(f"http://127.0.0.1:{api_port}/_ping", proc, log)
     assert (work / "home").is_dir()
+
+
+def test_the_documented_examples_are_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The three complete examples in docs/config.md are accepted as they are
+    written, so the documentation cannot drift from the options.
+    """
+    docs = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    blocks = re.findall(r"```yaml\n(.*?)```", docs.read_text(), re.DOTALL)
+    examples = {b.split(":", 1)[0].rsplit("/", 1)[-1]: b for b in blocks}
+    assert set(examples) == {"supernode.yml", "dfpeer.yml", "dfget.yml"}
+    options = _supernode(
+        "--config", str(_write(tmp_path / "s.yml", examples["supernode.yml"]))
+    )
+    assert options["advertise-ip"] == "10.0.0.5"
+    options = _dfpeer(
+        "--config", str(_write(tmp_path / "p.yml", examples["dfpeer.yml"]))
+    )
+    assert len(options["nodes"]) == 2
+    assert len(options["proxy-rules"]) == 1
+    monkeypatch.chdir(tmp_path)
+    args = _dfget(["--config", str(_write(tmp_path / "d.yml", examples["dfget.yml"]))])
+    assert args.totallimit == 50 << 20
+    assert len(args.nodes) == 2
