@@ -35,6 +35,7 @@ from twisted.logger import (
 
 from dragonfly import __version__
 from dragonfly.clientlog import make_sign, open_client_log
+from dragonfly.config import add_dfget_config_argument, apply_dfget_config
 from dragonfly.options import ip_address
 from dragonfly.peer.engine import DownloadError, DownloadRequest, DownloadResult, place
 from dragonfly.peer.node import PeerConfig, PeerNode
@@ -205,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
         help="show a progress bar (default: when stderr is a terminal)",
     )
     p.add_argument("--verbose", action="store_true", help="log debug events too")
+    add_dfget_config_argument(p)
     p.add_argument("--version", action="version", version=f"dfget {__version__}")
     return p
 
@@ -226,7 +228,7 @@ def default_output(url: str) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = parser()
-    args = p.parse_args(argv)
+    args = apply_dfget_config(p, argv, p.parse_args(argv))
     try:
         args.nodes = parse_nodes(args.node or ["127.0.0.1:8002"])
         args.output = (
@@ -431,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         preheat_main(argv[1:])
         return
+    if argv[:1] == ["doctor"]:
+        from dragonfly import doctor
+
+        raise SystemExit(doctor.main(argv[1:]))
     args = parse_args(argv)
 
     async def run(reactor: Any) -> None:

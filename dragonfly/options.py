@@ -19,6 +19,9 @@ def converted(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
     Wrap a parser so that a bad value is a usage error naming the option.
     """
 
+    if parse is int:
+        parse = integer
+
     def coerce(text: str) -> Any:
         try:
             return parse(text)
@@ -37,8 +40,18 @@ def duration_option(name: str) -> Callable[[str], float]:
     return converted(parse_duration, name)
 
 
+def integer(text: str) -> int:
+    """
+    Parse a whole number, with an error that says what was expected.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
 def port_number(text: str) -> int:
-    value = int(text)
+    value = integer(text)
     if not 0 <= value < 65536:
         raise ValueError(f"{value} is not a port number")
     return value

@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from dragonfly.clientlog import make_sign, open_client_log
+from dragonfly.config import ConfigOptions
 from dragonfly.gc import FreeSpace, Watermarks, parse_free_space
 from dragonfly.http import http_client, raw_agent
 from dragonfly.options import (
@@ -38,8 +39,10 @@ from dragonfly.tasks import InvalidRequest, check_url
 from dragonfly.tls import TLSConfig, TLSConfigError
 
 
-class Options(usage.Options):
+class Options(ConfigOptions):
     synopsis = "--node HOST:PORT [options]"
+    config_default = "/etc/dragonfly/dfpeer.yml"
+    comma_lists = frozenset({"node", "allow-registry"})
     longdesc = (
         "Run the peer daemon of a host: it serves the pieces it holds to "
         "other peers and downloads through the swarm for local programs."

@@ -11,6 +11,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 from twisted.web.server import Site
 
+from dragonfly.config import ConfigOptions
 from dragonfly.gc import FreeSpace, parse_free_space
 from dragonfly.http import http_client
 from dragonfly.options import (
@@ -33,8 +34,9 @@ from dragonfly.tasks import MAX_PIECE_SIZE
 from dragonfly.tls import TLSConfig
 
 
-class Options(usage.Options):
+class Options(ConfigOptions):
     synopsis = "[options]"
+    config_default = "/etc/dragonfly/supernode.yml"
     longdesc = (
         "Run a supernode: it fetches each file from its source once, caches "
         "it in pieces and schedules which peer fetches which piece from whom."
