@@ -171,8 +171,11 @@ def _read_port(proc: subprocess.Popen[Any], timeout: float) -> int:
 
 
 def start_source(
-    processes: Processes, directory: Path, host: str = "127.0.0.1"
+    processes: Processes, directory: Path, host: str = "127.0.0.1", rate: int = 0
 ) -> SourceServer:
+    """
+    The counting source on C{host}; C{rate} paces each body (bytes/s).
+    """
     root = directory / "source"
     root.mkdir(parents=True, exist_ok=True)
     log = directory / "source-requests.jsonl"
@@ -189,6 +192,8 @@ def start_source(
             "0",
             "--log",
             str(log),
+            "--rate",
+            str(rate),
         ],
         stdout=subprocess.PIPE,
         stderr=stderr,
@@ -338,16 +343,17 @@ def start_supernode(
     pki: PKI | None = None,
     extra: Sequence[str] = (),
     context: ssl.SSLContext | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> Daemon:
     """
-    C{twistd -n supernode} on C{ip} with free API and piece ports, waited
-    for until C{/_ping} answers.
+    C{twistd -n supernode} on C{ip} with free API and piece ports (or the
+    C{ports} given, to restart one), waited for until C{/_ping} answers.
 
     With C{pki} it runs mutual TLS with the leaf of C{ip}; a TLS setup of
     the caller's own goes in C{extra}, with the client C{context} to reach it.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    api_port, piece_port = free_port(ip), free_port(ip)
+    api_port, piece_port = ports or (free_port(ip), free_port(ip))
     log = directory / "supernode.log"
     home = directory / "supernode-home"
     args = [

@@ -2,7 +2,7 @@
 A counting HTTP file server for the loopback tests (stdlib only).
 
     python tests/source_server.py --root DIR --bind 127.0.0.1 --port 0 \\
-        --log requests.jsonl
+        --log requests.jsonl [--rate BYTES_PER_SECOND]
 
 Serves the files under C{--root} with Content-Length, ETag and
 Last-Modified; honours single C{Range} requests (206/416), C{If-Range} and
@@ -14,7 +14,9 @@ appends one JSON line to C{--log}::
 
 where C{bytes_sent} counts body bytes actually handed to the socket (a client
 hanging up early shows a short count and C{complete: false}).  Once listening
-it prints C{PORT <n>} on stdout (useful with C{--port 0}).
+it prints C{PORT <n>} on stdout (useful with C{--port 0}).  With C{--rate}
+each response body is paced to that many bytes a second (a slow source, so
+that a test can act while a fetch is under way).
 """
 
 import argparse
@@ -39,6 +41,7 @@ class Handler(BaseHTTPRequestHandler):
     root: Path
     log_path: Path
     lock = threading.Lock()
+    rate = 0
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -124,14 +127,20 @@ class Handler(BaseHTTPRequestHandler):
         complete = True
         if self.command != "HEAD":
             try:
+                chunk = min(CHUNK, max(4096, self.rate // 20)) if self.rate else CHUNK
+                began = time.monotonic()
                 with open(path, "rb") as f:
                     f.seek(start)
                     while sent < length:
-                        data = f.read(min(CHUNK, length - sent))
+                        data = f.read(min(chunk, length - sent))
                         if not data:
                             break
                         self.wfile.write(data)
                         sent += len(data)
+                        if self.rate:
+                            ahead = began + sent / self.rate - time.monotonic()
+                            if ahead > 0:
+                                time.sleep(ahead)
             except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                 self.close_connection = True
             complete = sent == length
@@ -144,9 +153,11 @@ def main() -> None:
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--log", required=True, type=Path)
+    p.add_argument("--rate", type=int, default=0, help="bytes/s per response")
     args = p.parse_args()
     Handler.root = args.root.resolve()
     Handler.log_path = args.log
+    Handler.rate = args.rate
     args.log.touch()
     server = ThreadingHTTPServer((args.bind, args.port), Handler)
     server.daemon_threads = True
