@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from dragonfly.clientlog import make_sign, open_client_log
 from dragonfly.http import http_client, raw_agent
 from dragonfly.options import (
+    HTTP_TIMEOUT_PARAMETER,
     TLS_PARAMETERS,
     check_tls_options,
     converted,
@@ -143,6 +144,7 @@ class Options(usage.Options):
             "PEM certificate: serve the HTTP port (mirror, API) over HTTPS.",
         ],
         ["key", None, "", "PEM private key of --cert."],
+        HTTP_TIMEOUT_PARAMETER,
         *TLS_PARAMETERS,
     ]
 
@@ -250,6 +252,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
             ),
         ),
         ForwardProxy(node.engine, agent, options["proxy-rules"]),
+        timeout=options["http-timeout"],
     )
     http_port: Any = endpoints.TCP4ServerEndpoint(
         reactor, options["port"], interface=options["listen-ip"]

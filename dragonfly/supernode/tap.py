@@ -9,10 +9,11 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.python import usage
-from twisted.web.server import Site
 
 from dragonfly.http import http_client
+from dragonfly.httpserver import DaemonSite
 from dragonfly.options import (
+    HTTP_TIMEOUT_PARAMETER,
     TLS_PARAMETERS,
     check_tls_options,
     converted,
@@ -117,6 +118,7 @@ class Options(usage.Options):
             "How long the source may take to answer.",
             duration_option("source-timeout"),
         ],
+        HTTP_TIMEOUT_PARAMETER,
         *TLS_PARAMETERS,
     ]
 
@@ -186,7 +188,8 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
     top = MultiService()
     listen_ip = options["listen-ip"]
     StreamServerEndpointService(
-        _listen(reactor, options["port"], listen_ip, tls), Site(root(supernode))
+        _listen(reactor, options["port"], listen_ip, tls),
+        DaemonSite(root(supernode), options["http-timeout"]),
     ).setServiceParent(top)
     StreamServerEndpointService(
         _listen(reactor, options["download-port"], listen_ip, tls), pieces
