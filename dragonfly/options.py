@@ -95,6 +95,15 @@ TLS_PARAMETERS = [
     ["tls-ca", None, "", "PEM CA: require and verify peer certificates (mutual TLS)."],
 ]
 
+HTTP_TIMEOUT_PARAMETER = [
+    "http-timeout",
+    None,
+    60.0,
+    "Close an HTTP connection idle this long, or still sending a request's "
+    "headers after this long.",
+    duration_option("http-timeout"),
+]
+
 
 def tls_from_options(options: "usage.Options") -> TLSConfig | None:
     """

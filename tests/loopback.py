@@ -344,16 +344,17 @@ def start_supernode(
     pki: PKI | None = None,
     extra: Sequence[str] = (),
     context: ssl.SSLContext | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> Daemon:
     """
-    C{twistd -n supernode} on C{ip} with free API and piece ports, waited
-    for until C{/_ping} answers.
+    C{twistd -n supernode} on C{ip} with free API and piece ports (or the
+    C{ports} given, to restart one), waited for until C{/_ping} answers.
 
     With C{pki} it runs mutual TLS with the leaf of C{ip}; a TLS setup of
     the caller's own goes in C{extra}, with the client C{context} to reach it.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    api_port, piece_port = free_port(ip), free_port(ip)
+    api_port, piece_port = ports or (free_port(ip), free_port(ip))
     log = directory / "supernode.log"
     home = directory / "supernode-home"
     args = [

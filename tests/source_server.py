@@ -126,9 +126,9 @@ class Handler(BaseHTTPRequestHandler):
         sent = 0
         complete = True
         if self.command != "HEAD":
-            chunk = min(CHUNK, max(1, self.rate // 20)) if self.rate else CHUNK
-            began = time.monotonic()
             try:
+                chunk = min(CHUNK, max(4096, self.rate // 20)) if self.rate else CHUNK
+                began = time.monotonic()
                 with open(path, "rb") as f:
                     f.seek(start)
                     while sent < length:

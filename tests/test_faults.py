@@ -24,6 +24,7 @@ from loopback import (
     piece_lines,
     sha256_of,
     start_dfpeer,
+    start_source,
     start_supernode,
 )
 
@@ -272,3 +273,61 @@ def test_sigterm_of_dfpeer_during_a_pull_ends_it_and_restarts_clean(
         hashlib.sha256(body).hexdigest()
         == hashlib.sha256((source.root / "file.bin").read_bytes()).hexdigest()
     )
+
+
+def test_supernode_killed_and_restarted_mid_transfer(
+    processes: Processes, work: Path, dfget: Dfget
+) -> None:
+    """
+    The supernode is SIGKILLed while it is still fetching a file from a slow
+    source for three running dfgets, and started again on the same ports
+    and home.  The dfgets register again with it and finish right, without
+    going back to source; the restarted supernode resumes its cache after
+    the pieces it had saved, so the source sends less than two copies.
+    """
+    size = 48 * MIB
+    source = start_source(processes, work, rate=12 * MIB)
+    data = source.add_file("file.bin", size)
+    supernode_dir = work / "supernode"
+    supernode = start_supernode(processes, supernode_dir, extra=["--piece-size", "1M"])
+    ports = (supernode.port, supernode.extra["piece_port"])
+    url = source.url("file.bin")
+    runs = [
+        dfget.start(url, node=supernode.node, ip=ip)
+        for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+    ]
+    deadline = time.monotonic() + 30
+    cached = 0
+    while time.monotonic() < deadline and cached < 20:
+        tasks = supernode.get_json("/api/v1/tasks")["tasks"]
+        cached = tasks[0]["pieces_cached"] if tasks else 0
+        time.sleep(0.05)
+    assert 20 <= cached < 48, cached
+    supernode.proc.send_signal(signal.SIGKILL)
+    supernode.proc.wait(10)
+    killed = time.monotonic()
+
+    again = start_supernode(
+        processes, supernode_dir, extra=["--piece-size", "1M"], ports=ports
+    )
+    restarted = time.monotonic() - killed
+    for run in runs:
+        result = run.finish(90)
+        assert result.code == 0, result.stderr
+        assert sha256_of(result.output) == data.sha256
+        assert "back to source" not in result.stdout, result.stdout
+    # Only the supernodes read the source, and less than twice the file.
+    requests = source.requests("file.bin")
+    assert {r["client"] for r in requests} == {"127.0.0.1"}, requests
+    sent = source.bytes_sent("file.bin")
+    print(f"restart took {restarted:.1f}s; source sent {sent / size:.2f} copies")
+    assert sent < 2 * size, requests
+    # The restarted supernode resumed after the pieces its meta file had
+    # recorded (saved every 16 pieces), not from the start.
+    first, resumed = requests
+    assert first["range"] is None and not first["complete"]
+    assert resumed["status"] == 206, resumed
+    start = int(resumed["range"].removeprefix("bytes=").rstrip("-"))
+    assert start >= 16 * MIB and start % MIB == 0, resumed
+    (task,) = again.get_json("/api/v1/tasks")["tasks"]
+    assert task["status"] == "done" and task["file_sha256"] == data.sha256

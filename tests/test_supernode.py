@@ -14,6 +14,7 @@ treq client.
 import hashlib
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dragonfly.http import http_client
+from dragonfly.supernode import cdn
 from dragonfly.supernode.cdn import CacheMeta, SourceError, meta_path
 from dragonfly.supernode.scheduler import Limits
 from dragonfly.supernode.service import (
@@ -1660,3 +1662,42 @@ async def test_collect_without_cache_limit_evicts_nothing(
     await supernode.collect()
     assert await supernode.state.task_ids() == []
     assert all(supernode.store.path_for(t).exists() for t in ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_meta_saves_land_in_order(
+    source: Source,
+    make_supernode: Callable[..., Supernode],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    A file of exactly 16 pieces saves its meta after piece 15 and again at
+    the end, at the same moment.  When the first save is slow, the second
+    waits for it: the meta on disk ends complete (once, two saves at once
+    raced on the temporary file and failed the task).
+    """
+    body = body_of(16 * PIECE)
+    source.add("sixteen.bin", body)
+    url = source.url("sixteen.bin")
+    supernode = make_supernode()
+    real_write = cdn._write_meta
+    second_started = threading.Event()
+    calls: list[bool] = []
+
+    def slow_first(path: Path, meta: bytes) -> None:
+        calls.append(json.loads(meta)["complete"])
+        if len(calls) == 1:
+            # Without ordering, the final save runs meanwhile and lands first.
+            second_started.wait(1.0)
+        else:
+            second_started.set()
+        real_write(path, meta)
+
+    monkeypatch.setattr(cdn, "_write_meta", slow_first)
+    task_id = task_id_for(url)
+    await bounded(supernode.register(registration(url)))
+    task = await wait_status(supernode, task_id, TaskStatus.DONE)
+    assert task.file_sha256 == sha(body)
+    assert calls == [False, True]
+    meta = CacheMeta.from_json(meta_path(supernode.store, task_id).read_bytes())
+    assert meta.complete and meta.file_sha256 == sha(body)

@@ -171,14 +171,34 @@ async def _peer(
         connection.close()
 
 
-async def _swarm(port: int, url: str, task_id: str, out: _Latencies) -> None:
+async def _swarm(
+    port: int,
+    url: str,
+    task_id: str,
+    out: _Latencies,
+    count: int = PEERS,
+    ramp: float = RAMP,
+) -> None:
     loop = asyncio.get_running_loop()
     first = loop.time() + 0.1
     peers = [
-        _peer(i, port, url, task_id, out, first + RAMP * i / PEERS)
-        for i in range(PEERS)
+        _peer(i, port, url, task_id, out, first + ramp * i / count)
+        for i in range(count)
     ]
     await asyncio.wait_for(asyncio.gather(*peers), PHASE_TIMEOUT)
+
+
+def simulate_peers(
+    port: int, url: str, task_id: str, count: int, ramp: float
+) -> tuple[int, list[str]]:
+    """
+    Run C{count} simulated peers joining the cached task C{task_id} over
+    C{ramp} seconds until each holds every piece (the load test uses this
+    too); return how many scheduling calls they made and the errors seen.
+    """
+    out = _Latencies()
+    asyncio.run(_swarm(port, url, task_id, out, count, ramp))
+    return len(out.schedule), out.errors
 
 
 def _cache(supernode: Supernode, url: str) -> str:

@@ -33,6 +33,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -54,6 +55,9 @@ from dragonfly.tasks import piece_size_for, task_id_for
 
 SCHEDULE_WAIT = 5.0
 REGISTER_TIMEOUT = 60.0
+# How long to keep trying to register again after losing the supernode
+# mid-download, before going back to source.
+RECONNECT_WINDOW = 10.0
 # Give up on the swarm (and go back to source) when nothing moves for this
 # long: neither a piece here nor a new piece in the supernode's cache.
 NO_PROGRESS_TIMEOUT = 120.0
@@ -454,11 +458,8 @@ class _Download:
                 # The supernode stopped answering: try the others, keeping
                 # the pieces already verified.
                 self._stop_pieces()
-                self.engine.supernodes.next_node()
                 try:
-                    reply = await self.engine.supernodes.register(
-                        body, REGISTER_TIMEOUT
-                    )
+                    reply = await self._register_again(body)
                 except SupernodeUnavailable:
                     return self._no_swarm(f"lost the supernode: {e}")
                 except SupernodeRefused as refused:
@@ -475,6 +476,27 @@ class _Download:
                 if 400 <= e.status < 500:
                     raise DownloadError("source", str(e), e.status) from None
                 return self._no_swarm(str(e))
+
+    async def _register_again(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Register again after losing the supernode: with the other nodes
+        first, then with all of them in turn for up to L{RECONNECT_WINDOW}
+        seconds, since a supernode being restarted takes a moment to listen
+        again, and going back to source would cost another copy from it.
+
+        @raise SupernodeUnavailable: when none answered within the window.
+        """
+        deadline = self.reactor.seconds() + RECONNECT_WINDOW
+        delay = 0.25
+        while True:
+            self.engine.supernodes.next_node()
+            try:
+                return await self.engine.supernodes.register(body, REGISTER_TIMEOUT)
+            except SupernodeUnavailable:
+                if self.reactor.seconds() + delay > deadline:
+                    raise
+            await deferLater(self.reactor, delay)
+            delay = min(2 * delay, 2.0)
 
     def _no_swarm(self, reason: str) -> str:
         if not self.request.back_to_source:

@@ -35,11 +35,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from dragonfly.http import (
@@ -47,6 +46,7 @@ from dragonfly.http import (
     as_text,
     end_to_end_headers,
 )
+from dragonfly.httpserver import HTTP_TIMEOUT, DaemonSite, DeadlineChannel
 from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
 from dragonfly.registry_auth import (
@@ -618,7 +618,7 @@ class ForwardProxy(Resource):
             raise
 
 
-class PlainHTTPChannel(HTTPChannel):
+class PlainHTTPChannel(DeadlineChannel):
     """
     An HTTP channel that answers a TLS ClientHello at once.
 
@@ -642,16 +642,21 @@ class PlainHTTPChannel(HTTPChannel):
         super().dataReceived(data)
 
 
-class MirrorSite(Site):
+class MirrorSite(DaemonSite):
     """
     dfpeer's HTTP port: the local API and the registry mirror by path, and
     requests in proxy form (an absolute URI) to the forward proxy.
     """
 
-    protocol = PlainHTTPChannel  # type: ignore[assignment]
+    protocol = PlainHTTPChannel
 
-    def __init__(self, resource: Resource, proxy: Resource | None = None) -> None:
-        super().__init__(resource)
+    def __init__(
+        self,
+        resource: Resource,
+        proxy: Resource | None = None,
+        timeout: float = HTTP_TIMEOUT,
+    ) -> None:
+        super().__init__(resource, timeout)
         self._proxy = proxy
 
     def getResourceFor(self, request: Request) -> Any:

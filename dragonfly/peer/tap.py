@@ -19,6 +19,7 @@ from dragonfly.config import ConfigOptions
 from dragonfly.gc import FreeSpace, Watermarks, parse_free_space
 from dragonfly.http import http_client, raw_agent
 from dragonfly.options import (
+    HTTP_TIMEOUT_PARAMETER,
     TLS_PARAMETERS,
     check_tls_options,
     converted,
@@ -161,6 +162,7 @@ class Options(ConfigOptions):
             "PEM certificate: serve the HTTP port (mirror, API) over HTTPS.",
         ],
         ["key", None, "", "PEM private key of --cert."],
+        HTTP_TIMEOUT_PARAMETER,
         *TLS_PARAMETERS,
     ]
 
@@ -265,6 +267,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
             ),
         ),
         ForwardProxy(node.engine, agent, options["proxy-rules"], metrics=node.metrics),
+        timeout=options["http-timeout"],
     )
     http_port: Any = endpoints.TCP4ServerEndpoint(
         reactor, options["port"], interface=options["listen-ip"]

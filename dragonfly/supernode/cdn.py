@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -196,6 +196,10 @@ class CdnFetch:
         self._write_error: SourceError | None = None
         self._stall_stopped = False
         self._stopped = False
+        # Saves of the meta file run one at a time, in order: two at once
+        # would race on its temporary file, and an older snapshot could
+        # land after a newer one.
+        self._meta_lock = DeferredLock()
 
     def headers_known(self) -> "Deferred[None]":
         """
@@ -591,7 +595,10 @@ class CdnFetch:
 
     def _save_meta(self) -> "Deferred[None]":
         path = meta_path(self._store, self.task.task_id)
-        return self._store.in_thread(_write_meta, path, self._meta.to_json())
+        saved: Deferred[None] = self._meta_lock.run(
+            self._store.in_thread, _write_meta, path, self._meta.to_json()
+        )
+        return saved
 
     def _start_watchdog(self) -> None:
         self._stop_watchdog()

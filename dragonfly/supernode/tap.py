@@ -9,12 +9,13 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.python import usage
-from twisted.web.server import Site
 
 from dragonfly.config import ConfigOptions
 from dragonfly.gc import FreeSpace, parse_free_space
 from dragonfly.http import http_client
+from dragonfly.httpserver import DaemonSite
 from dragonfly.options import (
+    HTTP_TIMEOUT_PARAMETER,
     TLS_PARAMETERS,
     check_tls_options,
     converted,
@@ -129,6 +130,7 @@ class Options(ConfigOptions):
             "How long the source may take to answer.",
             duration_option("source-timeout"),
         ],
+        HTTP_TIMEOUT_PARAMETER,
         *TLS_PARAMETERS,
     ]
 
@@ -200,7 +202,8 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
     top = MultiService()
     listen_ip = options["listen-ip"]
     StreamServerEndpointService(
-        _listen(reactor, options["port"], listen_ip, tls), Site(root(supernode))
+        _listen(reactor, options["port"], listen_ip, tls),
+        DaemonSite(root(supernode), options["http-timeout"]),
     ).setServiceParent(top)
     StreamServerEndpointService(
         _listen(reactor, options["download-port"], listen_ip, tls), pieces
