@@ -51,6 +51,8 @@ from dragonfly.tasks import piece_size_for
 MAX_PENDING_WRITES = 3
 MAX_ATTEMPTS = 4
 SAVE_EVERY_PIECES = 16
+# Hashed and written in blocks of this size (see _hash_and_write).
+_BLOCK = 256 * 1024
 
 
 class SourceError(Exception):
@@ -645,10 +647,23 @@ class _Stalled(Exception):
 def _hash_and_write(
     task_file: TaskFile, piece: int, data: bytearray, file_hash: Any
 ) -> str:
-    sha256 = hashlib.sha256(data).hexdigest()
-    file_hash.update(data)
-    task_file.write_at(piece * task_file.piece_size, data)
-    return sha256
+    """
+    The piece's sha256, with the piece added to the whole file's sha256 and
+    written at its offset.  Runs on a thread.
+
+    Done block by block: each block is hashed twice and copied to the page
+    cache while it is in the processor's cache, so a piece (4 to 15 MiB,
+    bigger than that cache) is read from memory once rather than three times.
+    """
+    piece_hash = hashlib.sha256()
+    view = memoryview(data)
+    offset = piece * task_file.piece_size
+    for start in range(0, len(view), _BLOCK):
+        block = view[start : start + _BLOCK]
+        piece_hash.update(block)
+        file_hash.update(block)
+        task_file.write_at(offset + start, block)
+    return piece_hash.hexdigest()
 
 
 def _damaged(task_file: TaskFile, pieces: dict[int, str]) -> list[int]:
