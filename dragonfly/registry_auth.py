@@ -13,6 +13,7 @@ for a token; without them the token is anonymous.
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,6 +24,19 @@ from dragonfly.http import read_bounded
 from dragonfly.tasks import InvalidRequest, check_url
 
 MAX_TOKEN_REPLY = 1 << 20
+# What the distribution token spec says a token without C{expires_in} lasts.
+DEFAULT_TOKEN_LIFETIME = 60
+
+
+@dataclass(frozen=True)
+class Token:
+    """
+    A token from a realm, and how many seconds it is valid from when it was
+    issued.
+    """
+
+    value: str
+    expires_in: int = DEFAULT_TOKEN_LIFETIME
 
 
 class TokenError(Exception):
@@ -65,14 +79,14 @@ async def request_token(
     *,
     timeout: float,
     authorization: str = "",
-) -> str:
+) -> Token:
     """
     Ask the challenge's realm for a token for C{scope}.
 
     @param http: a treq client.
     @param authorization: the user's own C{Authorization} value, passed to
         the realm when it is not itself a Bearer token.
-    @return: the token.
+    @return: the token, with its lifetime.
     @raise TokenError: the realm is not an http(s) URL, refused, or sent
         no token.
     """
@@ -97,8 +111,12 @@ async def request_token(
     except ValueError as e:
         raise TokenError(f"token realm {realm} sent no JSON") from e
     token = ""
+    expires_in: Any = None
     if isinstance(body, dict):
         token = body.get("token") or body.get("access_token") or ""
+        expires_in = body.get("expires_in")
     if not isinstance(token, str) or not token:
         raise TokenError(f"token realm {realm} sent no token")
-    return token
+    if isinstance(expires_in, int) and not isinstance(expires_in, bool):
+        return Token(token, max(0, expires_in))
+    return Token(token)

@@ -27,6 +27,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -868,26 +869,46 @@ def test_requests_counted_by_kind_and_code(harness: Harness) -> None:
     }
 
 
-def test_blob_digest_mismatch_never_completes(harness: Harness) -> None:
+def test_blob_end_waits_for_the_verified_download(harness: Harness) -> None:
     """
-    When the bytes do not hash to the digest, the connection is dropped
-    before the last chunk: the client never gets a complete body.
+    Every byte but the last chunk streams as it is verified piece by piece;
+    the last chunk waits until the download succeeded (which means the whole
+    blob matched its digest).  A download that fails at that point (the
+    engine found the digest wrong) drops the connection: the client never
+    gets a complete body.
     """
-    data = b"\x01" * 700_000
-    digest = digest_of(b"something else")
-    d = blob_request(
-        harness, f"/v2/library/alpine/blobs/{digest}", {b"Authorization": [b"x"]}
-    )
-    harness.engine.results[0].callback(result_for(data, digest))
-    response = harness.wait(d)
-    assert response.code == 200
-    body = Collect()
-    response.deliverBody(body.protocol)
-    harness.pump(100)
-    assert len(body.data) < len(data)
-    assert body.ended and not body.ended[0].check(
-        __import__("twisted.web.client", fromlist=["ResponseDone"]).ResponseDone
-    )
+    data = bytes(range(256)) * 4096 * 2  # 2 MiB, 8 chunks
+    digest = digest_of(data)
+    for fails in (False, True):
+        progress = FakeProgress()
+        progress.length = len(data)
+        progress.task_file = FakeTaskFile(data)
+        progress.held = len(data)
+        harness.engine.progress = progress
+        d = blob_request(
+            harness, f"/v2/library/alpine/blobs/{digest}", {b"Authorization": [b"x"]}
+        )
+        response = harness.wait(d)
+        body = Collect()
+        response.deliverBody(body.protocol)
+        harness.pump(100)
+        assert len(body.data) == len(data) - 256 * 1024
+        assert not body.ended
+        progress.ended = True
+        progress.complete = not fails
+        progress.notify()
+        result = harness.engine.results[-1]
+        if fails:
+            result.errback(DownloadError("digest", "content has the wrong sha256"))
+        else:
+            result.callback(result_for(data, digest))
+        harness.pump(100)
+        if fails:
+            assert len(body.data) < len(data)
+            assert body.ended and not body.ended[0].check(ResponseDone)
+        else:
+            assert bytes(body.data) == data
+            assert body.ended and body.ended[0].check(ResponseDone)
 
 
 def test_blob_range(harness: Harness) -> None:
@@ -998,6 +1019,49 @@ def test_blob_anonymous_token() -> None:
     assert harness.wait(read_content(harness.wait(d2))) == b"two"
 
 
+def test_blob_token_renewed_before_it_expires() -> None:
+    """
+    A token is reused for half of its C{expires_in} (60 s when the realm
+    does not say): after that the next blob asks the realm again, so the
+    supernode's fetch never gets a token about to expire.
+    """
+    harness = Harness()
+    challenge = b'Bearer realm="http://registry.test/token",service="registry.test"'
+
+    def realm_gives(body: bytes) -> None:
+        harness.upstream.routes[b"/token"] = Canned(
+            200, [(b"Content-Type", b"application/json")], body
+        )
+
+    def pull(n: int) -> list[str]:
+        digest = digest_of(bytes([n]))
+        harness.upstream.routes[f"/v2/library/alpine/blobs/{digest}".encode()] = Canned(
+            401, [(b"WWW-Authenticate", challenge)], b""
+        )
+        blob_request(harness, f"/v2/library/alpine/blobs/{digest}", {})
+        harness.pump()
+        return harness.engine.requests[-1].headers["Authorization"]
+
+    def token_requests() -> int:
+        return sum(s.path == b"/token" for s in harness.upstream.seen)
+
+    clock = harness.engine.reactor
+    realm_gives(b'{"token":"t-1","expires_in":300}')
+    assert pull(0) == ["Bearer t-1"]
+    realm_gives(b'{"token":"t-2"}')
+    clock.advance(149)
+    assert pull(1) == ["Bearer t-1"]
+    clock.advance(2)
+    assert pull(2) == ["Bearer t-2"]
+    clock.advance(29)
+    assert pull(3) == ["Bearer t-2"]
+    assert token_requests() == 2
+    clock.advance(2)
+    assert pull(4) == ["Bearer t-2"]
+    assert token_requests() == 3
+    _end_downloads(harness)
+
+
 def test_blob_no_token_needed() -> None:
     """
     An open upstream (the HEAD is not a 401): the download carries no
@@ -1011,6 +1075,27 @@ def test_blob_no_token_needed() -> None:
     blob_request(harness, f"/v2/library/alpine/blobs/{digest}", {})
     harness.pump()
     assert [r.headers for r in harness.engine.requests] == [{}]
+    # Believed for a minute: the next blobs of the image go straight on.
+    blob_request(harness, f"/v2/library/alpine/blobs/{digest}", {})
+    harness.pump()
+    assert [s.method for s in harness.upstream.seen] == [b"HEAD"]
+    harness.engine.reactor.advance(61)
+    blob_request(harness, f"/v2/library/alpine/blobs/{digest}", {})
+    harness.pump()
+    assert [s.method for s in harness.upstream.seen] == [b"HEAD", b"HEAD"]
+    assert [r.headers for r in harness.engine.requests] == [{}, {}, {}]
+    _end_downloads(harness)
+
+
+def _end_downloads(harness: Harness) -> None:
+    """
+    End the downloads a test left running, so that no blob response is left
+    waiting when the test's objects go away.
+    """
+    for result in harness.engine.results:
+        if not result.called:
+            result.cancel()
+    harness.pump()
 
 
 def test_blob_token_failure_is_502() -> None:

@@ -23,7 +23,6 @@ Design
     parameter or an C{X-Dragonfly-Registry} header, if it is allowed.
 """
 
-import hashlib
 import json
 import re
 from typing import Any
@@ -65,6 +64,8 @@ _PATH = re.compile(
     rf"|(?P<name2>{_NAME})/tags/list)?/?$"
 )
 _CHUNK = 256 * 1024
+# How long "this repository needs no token" is believed.
+ANONYMOUS_RECHECK = 60.0
 # containerd names Docker Hub "docker.io"; the registry answers at these.
 _HUB_HOSTS = {"registry-1.docker.io", "index.docker.io"}
 
@@ -252,7 +253,6 @@ class RegistryMirror(Resource):
         agent: IAgent,
         http: Any,
         allowed: list[str] | None = None,
-        token_cache: dict[str, str] | None = None,
         timeout: float = 30.0,
         metrics: PeerMetrics | None = None,
     ) -> None:
@@ -270,7 +270,8 @@ class RegistryMirror(Resource):
         self._upstream = upstream.rstrip("/")
         self._http = http
         self._allowed = {u.rstrip("/") for u in (allowed or [])} | {self._upstream}
-        self._tokens = token_cache if token_cache is not None else {}
+        # "upstream name" -> (Authorization values, when to ask again).
+        self._tokens: dict[str, tuple[list[str], float]] = {}
 
     def _upstream_for(self, request: Request) -> str:
         """
@@ -353,21 +354,34 @@ class RegistryMirror(Resource):
     async def _authorization(self, upstream: str, name: str, url: str) -> list[str]:
         """
         An anonymous pull token for C{name}, when the upstream asks for one.
+
+        The answer is kept per upstream and repository: a token until shortly
+        before it expires (a stale one would make the supernode's fetch fail
+        with 401), and "none needed" for L{ANONYMOUS_RECHECK} seconds, which
+        spares a C{HEAD} to the registry before every blob of an image.
         """
-        cached = self._tokens.get(f"{upstream} {name}")
-        if cached:
-            return [f"Bearer {cached}"]
+        key = f"{upstream} {name}"
+        now = self._engine.reactor.seconds()
+        cached = self._tokens.get(key)
+        if cached is not None and now < cached[1]:
+            return cached[0]
         response: IResponse = await self._http.head(url, timeout=self._timeout)
-        if response.code != 401:
-            return []
-        challenge = bearer_challenge(response.headers)
+        challenge = bearer_challenge(response.headers) if response.code == 401 else {}
         if not challenge:
+            self._tokens[key] = ([], now + ANONYMOUS_RECHECK)
             return []
         token = await request_token(
             self._http, challenge, pull_scope(name), timeout=self._timeout
         )
-        self._tokens[f"{upstream} {name}"] = token
-        return [f"Bearer {token}"]
+        # Asked again at half its life, so that a fetch given it has the other
+        # half to start (and to resume with it after a dropped connection).
+        keep = token.expires_in / 2
+        authorization = [f"Bearer {token.value}"]
+        if keep > 0:
+            self._tokens[key] = (authorization, now + keep)
+        else:
+            self._tokens.pop(key, None)
+        return authorization
 
     async def _blob(
         self, request: Request, upstream: str, name: str, digest: str
@@ -502,12 +516,17 @@ class _BlobStream:
             )
 
     async def _send(self, flow: _Flow, start: int, end: int, whole: bool) -> None:
-        digest = hashlib.sha256() if whole and self._digest else None
+        # The engine checks a blob against its digest before a download
+        # succeeds (each piece against the supernode's sha256, the whole
+        # against the digest), so the last bytes of a whole body are held
+        # until then: a client never sees a complete wrong body, and the
+        # mirror does not hash every byte a second time on the reactor.
+        hold_the_end = whole and bool(self._digest)
         offset = start
         while offset < end and not flow.stopped:
             progress = self._progress
             available = progress.contiguous() if progress is not None else 0
-            if self._outcome is not None and not isinstance(self._outcome, Failure):
+            if self._succeeded():
                 available = end
                 task_file = self._outcome.task_file
             elif progress is not None and progress.task_file is not None:
@@ -525,20 +544,25 @@ class _BlobStream:
                 await self._next_event()
                 continue
             size = min(_CHUNK, available - offset, end - offset)
+            if hold_the_end and offset + size == end and not self._verified():
+                await self._next_event()
+                continue
             data = task_file.read(offset, size)
             if len(data) != size:
                 raise _Aborted(f"{self._digest} shrank on disk")
-            if digest is not None:
-                digest.update(data)
-                if (
-                    offset + size == end
-                    and "sha256:" + digest.hexdigest() != self._digest
-                ):
-                    # Never let a client see a complete wrong body.
-                    raise _Aborted(f"content of {self._digest} does not match")
             offset += size
             self._request.write(data)
             await flow.writable()
+
+    def _succeeded(self) -> bool:
+        return self._outcome is not None and not isinstance(self._outcome, Failure)
+
+    def _verified(self) -> bool:
+        """
+        Whether the download succeeded, and so matched its digest.
+        """
+        progress = self._progress
+        return self._succeeded() or (progress is not None and progress.complete)
 
     def _refuse(self, failure: Failure) -> None:
         error = failure.value

@@ -719,7 +719,7 @@ class Preheater:
             challenge = bearer_challenge(response.headers)
             if challenge:
                 try:
-                    auth.token = await self._bounded(
+                    token = await self._bounded(
                         request_token(
                             self._http,
                             challenge,
@@ -728,6 +728,7 @@ class Preheater:
                             authorization=auth.given,
                         )
                     )
+                    auth.token = token.value
                 except TokenError as e:
                     raise _Failed("unauthorized", str(e)) from e
                 response, raw = await self._get(url, auth.request_headers())
