@@ -737,8 +737,11 @@ def main() -> None:
         return
     if args.keep_seconds <= 0:
         parser.error("--keep-seconds must be positive")
-    # SIGTERM unwinds like Ctrl-C, so that every process started is stopped.
+    # SIGTERM unwinds like Ctrl-C, so that every process started is stopped;
+    # SIGINT is set too, as a shell starting the demo in the background
+    # leaves it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         status = run(
             args.work.absolute(),
@@ -753,8 +756,9 @@ def main() -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    # Once: a second SIGTERM must not cut the stopping of the processes short.
+    # Once: a second signal must not cut the stopping of the processes short.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
