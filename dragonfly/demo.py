@@ -262,7 +262,8 @@ def swarm_summary(figures: SwarmFigures, size: int, peers: int) -> list[str]:
         (
             "bytes saved",
             _percent(figures.bytes_saved),
-            f"at best {_percent((peers - 1) / peers)} for {peers} peers",
+            f"of {format_size(figures.from_peers + figures.from_supernode)} "
+            f"delivered; at best {_percent((peers - 1) / peers)} for {peers} peers",
         ),
     ]
     return [

@@ -84,7 +84,7 @@ async def test_swarm_figures_from_the_supernodes_metrics_and_status(
         "source -> supernode 128.0 KiB 1.00x the file",
         "supernode -> peers 128.0 KiB 2 pieces",
         "peer -> peer 256.0 KiB 4 pieces",
-        "bytes saved 66.7% at best 66.7% for 3 peers",
+        "bytes saved 66.7% of 384.0 KiB delivered; at best 66.7% for 3 peers",
     ]
 
 
