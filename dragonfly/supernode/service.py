@@ -572,6 +572,16 @@ class Supernode:
                 and task_id not in self._fetches
                 and swarm.task.last_access < now - self.settings.task_expire
             )
+            being_read = self.store.tasks.get(task_id)
+            if idle and being_read is not None and being_read.readers:
+                # A peer that left may still be streaming a piece: closing
+                # the file would cut it off.  A later round expires the task.
+                self._log.info(
+                    "task {task_id} expiry postponed: {readers} pieces being served",
+                    task_id=task_id,
+                    readers=being_read.readers,
+                )
+                idle = False
             if idle:
                 # Only memory is freed: the cached file stays for a later
                 # registration, until the watermarks evict it.
