@@ -29,8 +29,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from dragonfly.resources import ReadOnly
 
 # The engine's names for where bytes came from, and the label values.
 TIERS = {"source": "source", "supernode": "supernode", "peers": "peer"}
@@ -268,7 +269,7 @@ class PeerMetrics:
         self.registry.register(_PieceServerCollector("dragonfly_peer", stats))
 
 
-class MetricsResource(Resource):
+class MetricsResource(ReadOnly):
     """
     C{GET /metrics}: a registry in Prometheus' text exposition format.
     """

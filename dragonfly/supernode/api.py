@@ -9,10 +9,10 @@ from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from twisted.web.static import Data
 
 from dragonfly.jsonapi import ApiError, JsonApi, field, read_json, write_json
 from dragonfly.metrics import MetricsResource
+from dragonfly.resources import PlainText, Root
 from dragonfly.supernode.cdn import ContentMismatch, SourceError
 from dragonfly.supernode.preheat import PreheatBusy, Preheater
 from dragonfly.supernode.preheat import parse_request as parse_preheat
@@ -209,11 +209,11 @@ def _errors() -> Iterator[None]:
 def root(supernode: Supernode) -> Resource:
     """
     The API's resource tree: the status page C{/}, C{/_ping},
-    C{/api/v1/...} and C{/metrics}.
+    C{/api/v1/...} and C{/metrics}; a JSON 404 elsewhere.
     """
-    top = Resource()
+    top = Root()
     top.putChild(b"", StatusPage(supernode))
-    top.putChild(b"_ping", Data(b"OK", "text/plain"))
+    top.putChild(b"_ping", PlainText(b"OK"))
     top.putChild(b"api", SupernodeApi(supernode))
     top.putChild(b"metrics", MetricsResource(supernode.metrics.registry))
     return top
