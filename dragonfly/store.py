@@ -317,6 +317,10 @@ class PieceStore:
         """
         return deferToThreadPool(self._reactor, self._threadpool, f, *args)
 
+    @property
+    def suffix(self) -> str:
+        return self._suffix
+
     def path_for(self, task_id: str) -> Path:
         return self.directory / task_id[:2] / (task_id + self._suffix)
 
