@@ -39,7 +39,7 @@ from dragonfly.gc import (
 )
 from dragonfly.metrics import MetricsResource, PeerMetrics, SupernodeMetrics
 from dragonfly.peer.engine import PeerEngine
-from dragonfly.peer.gc import StoreCollector, owner_alive
+from dragonfly.peer.gc import StoreCollector, owner_alive, reclaim_orphans
 from dragonfly.peer.supernode_client import Node, SupernodeClient
 from dragonfly.piece_protocol import Identity, PieceClientPool
 from dragonfly.store import PieceStore
@@ -228,6 +228,21 @@ async def test_store_gc_reclaims_files_of_exited_processes(tmp_path: Path) -> No
     assert value(found, "dragonfly_peer_evicted_bytes_total", reason="orphaned") == (
         1300
     )
+
+
+def test_reclaim_spares_exactly_its_own_pid(tmp_path: Path) -> None:
+    """
+    Only files named with this process's own pid are spared as its own:
+    pids that merely end with the same digits are other processes.
+    """
+    peer = Peer(tmp_path)  # its files end in ".1"
+    own = _store_file(peer, "a" * 64, 1, 3600, 10)
+    others = [_store_file(peer, "a" * 64, pid, 3600, 10) for pid in (11, 21, 101)]
+    removed = reclaim_orphans(
+        peer.store.directory, ".1", time.time() - 600, alive=lambda pid: False
+    )
+    assert sorted(removed) == sorted((path, 10) for path in others)
+    assert own.exists()
 
 
 def test_owner_alive_needs_a_dragonfly_command_line() -> None:

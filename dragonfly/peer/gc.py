@@ -77,7 +77,7 @@ def reclaim_orphans(
     removed = []
     for path in directory.glob("??/*"):
         named = _STORE_FILE.fullmatch(path.name)
-        if named is None or path.name.endswith(own_suffix):
+        if named is None or f".{named.group(2)}" == own_suffix:
             continue
         try:
             stat = path.stat()
