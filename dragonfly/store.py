@@ -79,6 +79,8 @@ class OpenFiles:
             self._files[task_file] = None
             self._files.move_to_end(task_file)
             excess = len(self._files) - self.limit
+            if excess <= 0:
+                return
             for candidate in list(self._files):
                 if excess <= 0:
                     break
