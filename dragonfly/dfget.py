@@ -36,8 +36,10 @@ from twisted.logger import (
 from dragonfly import __version__
 from dragonfly.clientlog import make_sign, open_client_log
 from dragonfly.config import add_dfget_config_argument, apply_dfget_config
+from dragonfly.gc import Watermarks
 from dragonfly.options import ip_address
 from dragonfly.peer.engine import DownloadError, DownloadRequest, DownloadResult, place
+from dragonfly.peer.gc import StoreCollector
 from dragonfly.peer.node import PeerConfig, PeerNode
 from dragonfly.peer.supernode_client import (
     SupernodeRefused,
@@ -335,6 +337,9 @@ async def _download(
         )
     except OSError as e:
         return _failed(reactor, started, 7, f"cannot use --home {args.home}: {e}")
+    # Alongside the download: delete what killed dfgets and stopped dfpeers
+    # left in data/ (no size or age limit applies to a one-shot's store).
+    reclaiming = StoreCollector(node.engine, Watermarks(), 0).collect()
     progress = _Progress(args.showbar, args.output.name)
     headers: dict[str, list[str]] = {}
     for name, value in args.header:
@@ -372,6 +377,7 @@ async def _download(
             await _keep_serving(reactor, node, result, args.keep_serving)
     finally:
         progress.close()
+        await reclaiming
         await node.stop(remove_data=True)
     return 0
 

@@ -29,8 +29,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from dragonfly.resources import ReadOnly
 
 # The engine's names for where bytes came from, and the label values.
 TIERS = {"source": "source", "supernode": "supernode", "peers": "peer"}
@@ -59,11 +60,16 @@ class _Eviction:
     The eviction counters of one daemon's disk.
     """
 
-    def __init__(self, prefix: str, what: str, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        what: str,
+        registry: CollectorRegistry,
+        reasons: tuple[str, ...] = EVICTION_REASONS,
+    ) -> None:
         self.count = Counter(
             f"{prefix}_evictions",
-            f"Tasks removed from the {what}, by reason (expired, size_limit, "
-            "free_space).",
+            f"Tasks removed from the {what}, by reason ({', '.join(reasons)}).",
             ["reason"],
             registry=registry,
         )
@@ -73,7 +79,7 @@ class _Eviction:
             ["reason"],
             registry=registry,
         )
-        for reason in EVICTION_REASONS:
+        for reason in reasons:
             self.count.labels(reason=reason)
             self.bytes.labels(reason=reason)
 
@@ -248,7 +254,10 @@ class PeerMetrics:
             "garbage collection).",
             registry=r,
         )
-        self.evictions = _Eviction("dragonfly_peer", "store", r)
+        # Files of earlier processes, whose owners are gone.
+        self.evictions = _Eviction(
+            "dragonfly_peer", "store", r, (*EVICTION_REASONS, "orphaned")
+        )
 
     def watch_engine(
         self, downloading: Callable[[], int], held: Callable[[], int]
@@ -268,7 +277,7 @@ class PeerMetrics:
         self.registry.register(_PieceServerCollector("dragonfly_peer", stats))
 
 
-class MetricsResource(Resource):
+class MetricsResource(ReadOnly):
     """
     C{GET /metrics}: a registry in Prometheus' text exposition format.
     """

@@ -9,11 +9,28 @@ C{os.pread}s on the reactor thread, which page-cache hits make cheap.
 
 A L{PieceStore} is a directory of task files and is the L{PieceSource} a
 piece server serves from.
+
+Descriptors are bounded: a daemon may hold thousands of tasks, but the
+process has a descriptor limit (often 1,024) shared with its sockets.  A
+task file opens its descriptor when it is used and L{OpenFiles} keeps at
+most a fixed number open per store, closing the least recently used idle
+ones; a closed one is reopened on its next use.  A descriptor is never
+closed while it is in use (a piece reader open, a read, write or hash
+running on a thread): each use holds a count under the file's lock, and a
+final L{TaskFile.close} during a use only marks the file, leaving the
+descriptor to the last user to close.  Closing under a running C{pread}
+would be worse than an error: the number could already name another file.
+Keeping every descriptor open, or opening one per read, were rejected: the
+first runs out of descriptors, the second costs two system calls per 64 KiB
+served.
 """
 
 import hashlib
 import os
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +48,51 @@ class PieceDigestMismatch(Exception):
     """
 
 
+DEFAULT_MAX_OPEN_FILES = 256
+
+
+class OpenFiles:
+    """
+    The task files of one store that hold a descriptor, least recently used
+    first, and at most C{limit} of them while they are idle.  Used from the
+    reactor thread and from the store's threads alike.
+    """
+
+    def __init__(self, limit: int = DEFAULT_MAX_OPEN_FILES) -> None:
+        if limit < 1:
+            raise ValueError(f"at least one open file is needed, not {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._files: OrderedDict[TaskFile, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def used(self, task_file: "TaskFile") -> None:
+        """
+        Record that C{task_file} holds a descriptor and was just used; close
+        the least recently used idle ones beyond the limit.  Files in use
+        are passed over, so the count may exceed the limit until they are
+        done; the next use tries again.
+        """
+        with self._lock:
+            self._files[task_file] = None
+            self._files.move_to_end(task_file)
+            excess = len(self._files) - self.limit
+            if excess <= 0:
+                return
+            for candidate in list(self._files):
+                if excess <= 0:
+                    break
+                if candidate is not task_file and candidate.close_idle():
+                    del self._files[candidate]
+                    excess -= 1
+
+    def forget(self, task_file: "TaskFile") -> None:
+        with self._lock:
+            self._files.pop(task_file, None)
+
+
 class TaskFile:
     """
     One task's bytes on disk.
@@ -38,11 +100,23 @@ class TaskFile:
     @ivar held: the pieces written and verified, which may be served.
     @ivar length: the file's length, or C{None} while the source has not
         said (a streamed response without Content-Length).
+    @ivar readers: the piece readers open on the file (reactor thread only).
     """
 
     def __init__(
-        self, task_id: str, path: Path, piece_size: int, length: int | None
+        self,
+        task_id: str,
+        path: Path,
+        piece_size: int,
+        length: int | None,
+        open_files: OpenFiles | None = None,
     ) -> None:
+        """
+        Create the file if it does not exist.
+
+        @param open_files: the store's bound on descriptors; without one the
+            descriptor, once opened, stays open until L{close}.
+        """
         self.task_id = task_id
         self.path = path
         self.piece_size = piece_size
@@ -50,15 +124,64 @@ class TaskFile:
         self.held: set[int] = set()
         self.readers = 0
         self.last_used = 0.0
+        self._open_files = open_files
+        self._lock = threading.Lock()
+        self._uses = 0
+        self._closed = False
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Mode as for any file a user downloads (the umask applies).
+        # Mode as for any file a user downloads (the umask applies).  The
+        # descriptor is kept for the use that almost always follows.
         self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if open_files is not None:
+            open_files.used(self)
 
     @property
-    def fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"task file {self.path} is closed")
-        return self._fd
+    def is_open(self) -> bool:
+        """
+        Whether the file holds a descriptor now.
+        """
+        return self._fd is not None
+
+    @contextmanager
+    def _using(self) -> Iterator[int]:
+        """
+        The descriptor, (re)opened if needed and kept open for the block.
+        """
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"task file {self.path} is closed")
+            if self._fd is None:
+                # No O_CREAT: a file deleted behind our back is an error,
+                # not a new empty file.
+                self._fd = os.open(self.path, os.O_RDWR)
+            self._uses += 1
+            fd = self._fd
+        if self._open_files is not None:
+            self._open_files.used(self)
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._uses -= 1
+                if self._closed and not self._uses:
+                    self._close_fd()
+
+    def _close_fd(self) -> None:
+        # With the lock held.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close_idle(self) -> bool:
+        """
+        Close the descriptor unless the file is in use (it is reopened on
+        its next use); whether the file now holds no descriptor.
+        """
+        with self._lock:
+            if self._uses or self.readers:
+                return False
+            self._close_fd()
+            return True
 
     def bounds(self, piece: int) -> tuple[int, int]:
         """
@@ -93,13 +216,15 @@ class TaskFile:
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
-            offset += written
+        with self._using() as fd:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
 
     def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
+        with self._using() as fd:
+            return os.pread(fd, size, offset)
 
     def hash_range(self, start: int, end: int, block: int = 1 << 20) -> str:
         """
@@ -107,21 +232,30 @@ class TaskFile:
         """
         digest = hashlib.sha256()
         offset = start
-        while offset < end:
-            data = os.pread(self.fd, min(block, end - offset), offset)
-            if not data:
-                raise OSError(f"{self.path} is shorter than {end} bytes")
-            digest.update(data)
-            offset += len(data)
+        with self._using() as fd:
+            while offset < end:
+                data = os.pread(fd, min(block, end - offset), offset)
+                if not data:
+                    raise OSError(f"{self.path} is shorter than {end} bytes")
+                digest.update(data)
+                offset += len(data)
         return digest.hexdigest()
 
     def truncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
+        with self._using() as fd:
+            os.ftruncate(fd, length)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """
+        Close for good: later uses fail.  A use running on a thread keeps
+        the descriptor until it is done.
+        """
+        with self._lock:
+            self._closed = True
+            if not self._uses:
+                self._close_fd()
+        if self._open_files is not None:
+            self._open_files.forget(self)
 
     def remove(self) -> None:
         self.close()
@@ -140,7 +274,12 @@ class _HeldPiece:
         task_file.readers += 1
 
     def read(self, offset: int, size: int) -> bytes:
-        return self._file.read(self._offset + offset, size)
+        try:
+            return self._file.read(self._offset + offset, size)
+        except (OSError, ValueError):
+            # Deleted or closed under the reader: a short read, which ends
+            # the stream the way a shrunken file does.
+            return b""
 
     def close(self) -> None:
         self._file.readers -= 1
@@ -157,17 +296,21 @@ class PieceStore:
         reactor: Any,
         threadpool: Any = None,
         suffix: str = "",
+        max_open_files: int = DEFAULT_MAX_OPEN_FILES,
     ) -> None:
         """
         @param suffix: appended to every task file's name; peers use their
             process id, so that processes sharing a home never write (or
             link outputs to) each other's files.
+        @param max_open_files: the descriptors the task files may keep open
+            while idle.
         """
         self.directory = directory
         self._suffix = suffix
         self._reactor = reactor
         self._threadpool = threadpool or reactor.getThreadPool()
         self.tasks: dict[str, TaskFile] = {}
+        self.open_files = OpenFiles(max_open_files)
         directory.mkdir(parents=True, exist_ok=True)
 
     def in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
@@ -175,6 +318,10 @@ class PieceStore:
         Run blocking disk or hashing work on the store's thread pool.
         """
         return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    @property
+    def suffix(self) -> str:
+        return self._suffix
 
     def path_for(self, task_id: str) -> Path:
         return self.directory / task_id[:2] / (task_id + self._suffix)
@@ -195,7 +342,7 @@ class PieceStore:
             path = self.path_for(task_id)
             if fresh:
                 path.unlink(missing_ok=True)
-            task_file = TaskFile(task_id, path, piece_size, length)
+            task_file = TaskFile(task_id, path, piece_size, length, self.open_files)
             self.tasks[task_id] = task_file
         task_file.last_used = self._reactor.seconds()
         return task_file

@@ -76,3 +76,22 @@ def dfget(processes: Processes, work: Path) -> Dfget:
     Starts dfget processes, each in its own directory under C{work/dfget}.
     """
     return Dfget(processes, work / "dfget")
+
+
+@pytest.fixture(autouse=True)
+def no_host_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Options parsed inside the test process never read the machine's
+    C{/etc/dragonfly/*.yml} (processes tests start are kept from them by
+    L{loopback.child_env} and C{--config=}); a test that wants a system
+    file patches these again.
+    """
+    from dragonfly import config
+    from dragonfly.peer import tap as peer_tap
+    from dragonfly.supernode import tap as supernode_tap
+
+    monkeypatch.setattr(
+        config, "DFGET_SYSTEM_CONFIG", Path("/nonexistent/dragonfly/dfget.yml")
+    )
+    monkeypatch.setattr(supernode_tap.Options, "config_default", "")
+    monkeypatch.setattr(peer_tap.Options, "config_default", "")

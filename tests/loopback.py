@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 from certs import PKI
 
-from dragonfly.devtools.processes import child_env, free_port, stop_process
+from dragonfly.devtools import processes as _processes
+from dragonfly.devtools.processes import free_port, stop_process
 
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -44,6 +45,18 @@ def _script(name: str) -> list[str]:
     if found is None:
         pytest.skip(f"{name} is not installed")
     return [found]
+
+
+def child_env() -> dict[str, str]:
+    """
+    The environment of the processes tests start: L{_processes.child_env}
+    with C{DFGET_CONFIG} empty, so that no dfget run reads a configuration
+    file of the machine (C{/etc/dragonfly/dfget.yml}) or of the caller.
+    Daemons get C{--config=} on their command lines for the same reason.
+    """
+    env = _processes.child_env()
+    env["DFGET_CONFIG"] = ""
+    return env
 
 
 def twistd_cmd() -> list[str]:
@@ -364,6 +377,7 @@ def start_supernode(
         "-l",
         str(log),
         "supernode",
+        "--config=",  # never /etc/dragonfly/supernode.yml; extra may name one
         "--port",
         str(api_port),
         "--download-port",
@@ -412,6 +426,7 @@ def start_dfpeer(
         "-l",
         str(log),
         "dfpeer",
+        "--config=",  # never /etc/dragonfly/dfpeer.yml; extra may name one
         "--node",
         node,
         "--ip",

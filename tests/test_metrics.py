@@ -6,6 +6,8 @@ real processes on loopback whose metrics must move as bytes do.
 """
 
 import os
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -37,7 +39,7 @@ from dragonfly.gc import (
 )
 from dragonfly.metrics import MetricsResource, PeerMetrics, SupernodeMetrics
 from dragonfly.peer.engine import PeerEngine
-from dragonfly.peer.gc import StoreCollector
+from dragonfly.peer.gc import StoreCollector, owner_alive, reclaim_orphans
 from dragonfly.peer.supernode_client import Node, SupernodeClient
 from dragonfly.piece_protocol import Identity, PieceClientPool
 from dragonfly.store import PieceStore
@@ -176,6 +178,92 @@ class _Collect:
 
     def connectionLost(self, reason: Any) -> None:
         pass
+
+
+def _store_file(peer: Peer, name: str, pid: int, age: float, size: int) -> Path:
+    path = peer.store.directory / name[:2] / f"{name}.{pid}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_gc_reclaims_files_of_exited_processes(tmp_path: Path) -> None:
+    """
+    Store files named with the pid of a process that exited, or whose pid
+    now belongs to something that is no dfget or twistd, are deleted once
+    older than the grace period, and counted as "orphaned".  Files of a
+    live dfget, recent files, this process's own files and files of other
+    shapes stay.
+    """
+    peer = Peer(tmp_path)
+    exited = subprocess.Popen(["true"])
+    exited.wait(timeout=30)
+    live_dfget = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "dfget"]
+    )
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_old = _store_file(peer, "a" * 64, exited.pid, 3600, 1000)
+        dead_recent = _store_file(peer, "b" * 64, exited.pid, 60, 10)
+        live_old = _store_file(peer, "c" * 64, live_dfget.pid, 3600, 10)
+        reused_old = _store_file(peer, "d" * 64, reused.pid, 3600, 300)
+        own_old = _store_file(peer, "e" * 64, 1, 3600, 10)
+        other_shape = peer.store.directory / "ff" / "notes.txt"
+        other_shape.parent.mkdir(parents=True, exist_ok=True)
+        other_shape.write_text("kept")
+        os.utime(other_shape, (0, 0))
+        await peer.collector(Watermarks()).collect()
+    finally:
+        for process in (live_dfget, reused):
+            process.kill()
+            process.wait(timeout=30)
+    assert not dead_old.exists() and not reused_old.exists()
+    for kept in (dead_recent, live_old, own_old, other_shape):
+        assert kept.exists(), kept
+    found = peer.metrics()
+    assert value(found, "dragonfly_peer_evictions_total", reason="orphaned") == 2
+    assert value(found, "dragonfly_peer_evicted_bytes_total", reason="orphaned") == (
+        1300
+    )
+
+
+def test_reclaim_spares_exactly_its_own_pid(tmp_path: Path) -> None:
+    """
+    Only files named with this process's own pid are spared as its own:
+    pids that merely end with the same digits are other processes.
+    """
+    peer = Peer(tmp_path)  # its files end in ".1"
+    own = _store_file(peer, "a" * 64, 1, 3600, 10)
+    others = [_store_file(peer, "a" * 64, pid, 3600, 10) for pid in (11, 21, 101)]
+    removed = reclaim_orphans(
+        peer.store.directory, ".1", time.time() - 600, alive=lambda pid: False
+    )
+    assert sorted(removed) == sorted((path, 10) for path in others)
+    assert own.exists()
+
+
+def test_owner_alive_needs_a_dragonfly_command_line() -> None:
+    """
+    A pid that does not exist owns nothing; a live one owns its files only
+    when its command line names dfget, dfpeer, twistd or dragonfly.
+    """
+    exited = subprocess.Popen(["true"])
+    exited.wait(timeout=30)
+    assert not owner_alive(exited.pid)
+    twistd = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "twistd", "dfpeer"]
+    )
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        assert owner_alive(twistd.pid)
+        assert not owner_alive(other.pid)
+    finally:
+        for process in (twistd, other):
+            process.kill()
+            process.wait(timeout=30)
 
 
 @pytest_twisted.ensureDeferred

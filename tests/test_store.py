@@ -3,7 +3,9 @@ Task files on disk and the piece store that serves them.
 """
 
 import hashlib
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from twisted.python.failure import Failure
 
 from dragonfly import wire
 from dragonfly.piece_protocol import PieceUnavailable
-from dragonfly.store import PieceDigestMismatch, PieceStore, TaskFile
+from dragonfly.store import OpenFiles, PieceDigestMismatch, PieceStore, TaskFile
 
 TASK = "ab" * 32
 PIECE_SIZE = 1000
@@ -240,3 +242,131 @@ def test_open_piece_serves_held_piece_while_length_unknown(store: PieceStore) ->
     reader = store.open_piece(TASK, 0)
     assert reader.length == PIECE_SIZE
     assert reader.read(0, PIECE_SIZE) == data
+
+
+def open_fds_under(directory: Path) -> int:
+    """
+    The descriptors this process holds on files under C{directory}.
+    """
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if target.startswith(f"{directory}/"):
+            count += 1
+    return count
+
+
+def task_id(n: int) -> str:
+    return f"{n:02x}" * 32
+
+
+def test_store_keeps_at_most_max_open_files(tmp_path: Path) -> None:
+    """
+    With a cap of 4, writing and reading 20 tasks in turn never holds more
+    than 4 descriptors on the store's files: the least recently used idle
+    ones are closed and reopened on their next use, and every task's bytes
+    stay right.
+    """
+    directory = tmp_path / "store"
+    store = PieceStore(directory, InlineReactor(), InlineThreadPool(), max_open_files=4)
+    peak = 0
+    for round in range(2):
+        for n in range(20):
+            f = store.open(task_id(n), PIECE_SIZE, 2 * PIECE_SIZE)
+            data = piece_bytes(n, PIECE_SIZE)
+            f.write_verified(round, data, sha(data))
+            f.held.add(round)
+            peak = max(peak, open_fds_under(directory))
+            # An earlier task, often one whose descriptor was closed.
+            earlier = (n * 7) % (n + 1)
+            reader = store.open_piece(task_id(earlier), 0)
+            assert reader.read(0, PIECE_SIZE) == piece_bytes(earlier, PIECE_SIZE)
+            reader.close()
+            peak = max(peak, open_fds_under(directory))
+    assert peak <= 4
+    assert len(store.open_files) <= 4
+    for n in range(20):
+        f = store.tasks[task_id(n)]
+        assert f.read(0, 2 * PIECE_SIZE) == piece_bytes(n, PIECE_SIZE) * 2
+        assert f.hash_range(0, PIECE_SIZE) == sha(piece_bytes(n, PIECE_SIZE))
+    assert open_fds_under(directory) <= 4
+    store.close()
+    assert open_fds_under(directory) == 0
+
+
+def test_task_in_use_keeps_its_descriptor(tmp_path: Path) -> None:
+    """
+    A task with a piece reader open, or with a read or write running, is
+    never the one closed to make room, however many others are used after
+    it; the cap is met again once it is idle.
+    """
+    directory = tmp_path / "store"
+    store = PieceStore(directory, InlineReactor(), InlineThreadPool(), max_open_files=2)
+    read = store.open(task_id(0), PIECE_SIZE, PIECE_SIZE)
+    read.write_at(0, piece_bytes(0, PIECE_SIZE))
+    read.held.add(0)
+    reader = store.open_piece(task_id(0), 0)
+    written = store.open(task_id(1), PIECE_SIZE, PIECE_SIZE)
+    with written._using():  # as a thread-pool write in progress
+        for n in range(2, 12):
+            store.open(task_id(n), PIECE_SIZE, PIECE_SIZE).write_at(0, b"x")
+        assert read.is_open and written.is_open
+        assert reader.read(0, PIECE_SIZE) == piece_bytes(0, PIECE_SIZE)
+    reader.close()
+    store.open(task_id(12), PIECE_SIZE, PIECE_SIZE)
+    store.open(task_id(13), PIECE_SIZE, PIECE_SIZE)
+    assert not read.is_open and not written.is_open
+    assert open_fds_under(directory) == 2
+
+
+def test_close_during_use_waits_for_the_user(tmp_path: Path) -> None:
+    """
+    A final close while a thread uses the descriptor leaves it open until
+    that use ends (its number must not be reused under a running pread);
+    uses after the close fail.
+    """
+    f = TaskFile(TASK, tmp_path / "t", PIECE_SIZE, 10)
+    with f._using() as fd:
+        f.close()
+        os.fstat(fd)  # still ours
+        assert f.is_open
+        with pytest.raises(ValueError, match="closed"):
+            f.read(0, 1)
+    assert not f.is_open
+
+
+def test_concurrent_use_under_a_small_cap(tmp_path: Path) -> None:
+    """
+    Eight threads writing and reading back 20 tasks at random under a cap
+    of 3 never see a wrong byte or a closed descriptor.
+    """
+    directory = tmp_path / "store"
+    store = PieceStore(directory, InlineReactor(), InlineThreadPool(), max_open_files=3)
+    files = [store.open(task_id(n), PIECE_SIZE, 64 * PIECE_SIZE) for n in range(20)]
+
+    def work(worker: int) -> None:
+        for step in range(200):
+            f = files[(worker * 7 + step * 3) % 20]
+            piece = (worker * 8 + step) % 64
+            data = piece_bytes(piece, PIECE_SIZE)
+            f.write_at(piece * PIECE_SIZE, data)
+            assert f.read(piece * PIECE_SIZE, PIECE_SIZE) == data
+
+    with ThreadPoolExecutor(8) as pool:
+        for done in [pool.submit(work, worker) for worker in range(8)]:
+            done.result()
+    # Once every thread is done, another use brings the count back down.
+    files[0].read(0, 1)
+    assert len(store.open_files) <= 3
+    assert open_fds_under(directory) <= 3
+
+
+def test_open_files_needs_a_positive_limit() -> None:
+    """
+    A cap below one is refused with a clear error.
+    """
+    with pytest.raises(ValueError, match="at least one"):
+        OpenFiles(0)

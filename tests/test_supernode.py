@@ -1573,6 +1573,34 @@ async def test_collect_expires_idle_tasks_but_keeps_their_cache(
 
 
 @pytest_twisted.ensureDeferred
+async def test_collect_postpones_expiry_of_a_task_being_served(
+    source: Source, make_supernode: Callable[..., Supernode]
+) -> None:
+    """
+    An expired task with a piece still being read by the piece server is
+    kept, its file open and the read whole; the first round after the
+    reader closed expires it.
+    """
+    supernode = make_supernode(task_expire=60.0)
+    task_id, body = await _done_task(source, supernode, "served.bin", 2 * PIECE)
+    await wait_ended(supernode, task_id)
+    for n in (1, 2):
+        await supernode.leave(task_id, f"peer-{n}")
+    reader = supernode.store.open_piece(task_id, 1)
+    swarm = await supernode.state.get(task_id)
+    assert swarm is not None
+    swarm.task.last_access = reactor.seconds() - 120
+    await supernode.collect()
+    assert await supernode.state.get(task_id) is swarm
+    assert task_id in supernode.store.tasks
+    assert reader.read(0, PIECE) == body[PIECE:]
+    reader.close()
+    await supernode.collect()
+    assert await supernode.state.get(task_id) is None
+    assert task_id not in supernode.store.tasks
+
+
+@pytest_twisted.ensureDeferred
 async def test_collect_keeps_recent_and_peopled_tasks(
     source: Source, make_supernode: Callable[..., Supernode]
 ) -> None:

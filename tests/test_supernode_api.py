@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
@@ -209,6 +210,8 @@ async def test_missing_or_mistyped_field_is_400_naming_it(
         ({"digest": "sha256:" + "A" * 64}, "digest"),
         ({"peer": {"peer_id": "p", "address": "nowhere"}}, "address"),
         ({"peer": {"peer_id": "", "address": "127.0.0.1:1"}}, "peer_id"),
+        ({"peer": {"peer_id": "p" * 256, "address": "127.0.0.1:1"}}, "peer_id"),
+        ({"peer": {"peer_id": "\ud800", "address": "127.0.0.1:1"}}, "peer_id"),
         ({"headers": ["no colon here"]}, "header"),
         ({"headers": {"X-A": 5}}, "header"),
         ({"headers": 5}, "headers"),
@@ -227,6 +230,54 @@ async def test_bad_registration_values_are_400(
     assert status == 400
     assert says in reply["message"]
     assert api.files.seen == []
+
+
+@pytest.mark.parametrize(
+    "peer_id",
+    ["p" * 256, "%C3%A9" * 128, "%FF", "peer%FE1"],
+    ids=["256-bytes", "256-bytes-utf8", "invalid-utf8", "invalid-inside"],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_peer_id_in_heartbeat_and_leave_is_400(
+    api: Api, peer_id: str
+) -> None:
+    """
+    Heartbeat and leave check the peer id in their path as registration
+    checks it in its body: 1 to 255 bytes of valid UTF-8, or 400 saying so.
+    """
+    status, reply = await api.call(
+        "POST", f"/api/v1/peers/{peer_id}/heartbeat", {"tasks": []}
+    )
+    assert (status, reply["error"]) == (400, "bad_request")
+    assert "peer_id must be 1 to 255 bytes" in reply["message"]
+    status, reply = await api.call(
+        "DELETE", f"/api/v1/tasks/{'b' * 64}/peers/{peer_id}"
+    )
+    assert (status, reply["error"]) == (400, "bad_request")
+    assert "peer_id must be 1 to 255 bytes" in reply["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_longest_peer_id_is_accepted_everywhere(api: Api) -> None:
+    """
+    A peer id of exactly 255 bytes of UTF-8 registers, beats and leaves.
+    """
+    peer_id = "\u20ac" * 85  # 3 bytes each
+    api.files.files["/file.bin"] = b"x" * 100
+    body = registration(api)
+    body["peer"]["peer_id"] = peer_id
+    status, reply = await api.call("POST", "/api/v1/tasks", body)
+    assert status == 200
+    task_id = reply["task_id"]
+    quoted = quote(peer_id)
+    status, beat = await api.call(
+        "POST", f"/api/v1/peers/{quoted}/heartbeat", {"tasks": [task_id]}
+    )
+    assert (status, beat) == (200, {"unknown": []})
+    status, left = await api.call("DELETE", f"/api/v1/tasks/{task_id}/peers/{quoted}")
+    assert (status, left) == (200, {})
+    status, info = await api.call("GET", f"/api/v1/tasks/{task_id}")
+    assert info["peers"] == {}
 
 
 @pytest_twisted.ensureDeferred

@@ -91,7 +91,8 @@ def test_twistd_option_errors(tmp_path: Path, args: list[str], expected: str) ->
     A bad option makes twistd exit non-zero with a message naming it (and
     no daemon is left running: the command returns).
     """
-    result = _twistd(["-n", "--pidfile=", *args], tmp_path)
+    command, *flags = args
+    result = _twistd(["-n", "--pidfile=", command, "--config=", *flags], tmp_path)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert expected in output, output[-2000:]
@@ -164,6 +165,27 @@ def test_dfget_usage_errors_exit_2(
     assert not home.exists()
 
 
+def test_tests_read_no_host_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Processes the tests start get C{DFGET_CONFIG} empty whatever the
+    caller's, so dfget reads no file of the machine; options parsed in the
+    test process have no system default file.
+    """
+    from dragonfly.config import dfget_config_path
+    from dragonfly.peer import tap as peer_tap
+    from dragonfly.supernode import tap as supernode_tap
+
+    monkeypatch.setenv("DFGET_CONFIG", "/etc/dragonfly/dfget.yml")
+    env = child_env()
+    assert env["DFGET_CONFIG"] == ""
+    monkeypatch.setenv("DFGET_CONFIG", env["DFGET_CONFIG"])
+    assert dfget_config_path(Path("/nonexistent"), None) is None
+    monkeypatch.delenv("DFGET_CONFIG")
+    assert dfget_config_path(Path("/nonexistent"), None) is None
+    assert supernode_tap.Options()._config_path() is None
+    assert peer_tap.Options()._config_path() is None
+
+
 @pytest.mark.loopback
 def test_supernode_starts_and_stops_cleanly(processes: Processes, work: Path) -> None:
     """
@@ -173,6 +195,9 @@ def test_supernode_starts_and_stops_cleanly(processes: Processes, work: Path) ->
     ports.
     """
     supernode = start_supernode(processes, work)
+    assert supernode.proc.args[supernode.proc.args.index("supernode") + 1] == (
+        "--config="
+    )
     assert supernode.get_json("/api/v1/tasks") == {"tasks": []}
     started = time.monotonic()
     _terminate_cleanly(supernode)
@@ -203,6 +228,7 @@ def test_dfpeer_starts_and_stops_cleanly(processes: Processes, work: Path) -> No
     """
     node = f"127.0.0.1:{free_port()}"
     peer = start_dfpeer(processes, work, node, ip="127.0.0.2")
+    assert peer.proc.args[peer.proc.args.index("dfpeer") + 1] == "--config="
     state = peer.get_json("/api/v1/tasks")
     assert state["tasks"] == []
     assert state["address"] == f"127.0.0.2:{peer.extra['peer_port']}"

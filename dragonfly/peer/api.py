@@ -18,12 +18,12 @@ from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from twisted.web.static import Data, NoRangeStaticProducer
 
 from dragonfly.http import as_text, end_to_end_headers
 from dragonfly.jsonapi import ApiError, JsonApi
 from dragonfly.metrics import MetricsResource
 from dragonfly.peer.engine import DownloadError, DownloadRequest, PeerEngine
+from dragonfly.resources import FileBody, PlainText, Root
 from dragonfly.tasks import InvalidRequest, check_digest, check_url
 
 _STATUS_OF = {
@@ -73,7 +73,7 @@ class PeerApi(JsonApi):
             request.finish()
             return NOT_DONE_YET
         stream = open(result.task_file.path, "rb")  # noqa: SIM115 - closed by the producer
-        NoRangeStaticProducer(request, stream).start()
+        FileBody(request, stream).start()
         return NOT_DONE_YET
 
     async def tasks(self, request: Request, params: list[str]) -> Any:
@@ -95,10 +95,10 @@ class PeerApi(JsonApi):
 def root(engine: PeerEngine, mirror: Resource | None = None) -> Resource:
     """
     dfpeer's HTTP tree: C{/_ping}, C{/api/v1/...} and the registry mirror
-    at C{/v2/}.
+    at C{/v2/}; a JSON 404 elsewhere.
     """
-    top = Resource()
-    top.putChild(b"_ping", Data(b"OK", "text/plain"))
+    top = Root()
+    top.putChild(b"_ping", PlainText(b"OK"))
     top.putChild(b"api", PeerApi(engine))
     top.putChild(b"metrics", MetricsResource(engine.metrics.registry))
     if mirror is not None:

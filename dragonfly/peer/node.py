@@ -19,7 +19,7 @@ from dragonfly.peer.engine import PeerEngine
 from dragonfly.peer.supernode_client import Node, SupernodeClient
 from dragonfly.piece_protocol import Identity, PieceClientPool, PieceServerFactory
 from dragonfly.ratelimit import TokenBucket
-from dragonfly.store import PieceStore
+from dragonfly.store import DEFAULT_MAX_OPEN_FILES, PieceStore
 from dragonfly.tls import TLSConfig
 
 
@@ -35,6 +35,7 @@ class PeerConfig:
     concurrency: int = 6
     stall_timeout: float = 15.0
     peer_id: str = ""
+    max_open_files: int = DEFAULT_MAX_OPEN_FILES
 
 
 def make_peer_id(ip: str) -> str:
@@ -61,7 +62,12 @@ class PeerNode:
         self.config = config
         self.peer_id = config.peer_id or make_peer_id(config.ip)
         self._port: IListeningPort | None = None
-        self.store = PieceStore(config.home / "data", reactor, suffix=f".{os.getpid()}")
+        self.store = PieceStore(
+            config.home / "data",
+            reactor,
+            suffix=f".{os.getpid()}",
+            max_open_files=config.max_open_files,
+        )
         upload_buckets = (
             [TokenBucket(config.upload_limit, reactor)] if config.upload_limit else []
         )

@@ -195,6 +195,9 @@ class _PeerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # At once, not after the first heartbeat: reclaims what earlier
+        # processes left (on the store's threads).
+        self.collector.collect()
         d = Deferred.fromCoroutine(self.node.listen())
         d.addCallbacks(
             lambda _: self._log.info(

@@ -9,10 +9,10 @@ from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from twisted.web.static import Data
 
 from dragonfly.jsonapi import ApiError, JsonApi, field, read_json, write_json
 from dragonfly.metrics import MetricsResource
+from dragonfly.resources import PlainText, Root
 from dragonfly.supernode.cdn import ContentMismatch, SourceError
 from dragonfly.supernode.preheat import PreheatBusy, Preheater
 from dragonfly.supernode.preheat import parse_request as parse_preheat
@@ -50,13 +50,28 @@ def _headers(value: Any) -> dict[str, list[str]]:
     raise ApiError(400, "bad_request", "headers must be an object or a list")
 
 
+def _check_peer_id(peer_id: str, in_path: bool = False) -> str:
+    """
+    A peer id is 1 to 255 bytes of UTF-8, wherever it is given.
+
+    @param in_path: the id came from the URL path, whose invalid UTF-8 the
+        router decoded to U+FFFD.
+    @raise ApiError: 400 otherwise.
+    """
+    try:
+        size = len(peer_id.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate escaped in JSON
+        size = 0
+    if not 0 < size <= 255 or (in_path and "\ufffd" in peer_id):
+        raise ApiError(400, "bad_request", "peer_id must be 1 to 255 bytes (UTF-8)")
+    return peer_id
+
+
 def _peer(body: dict[str, Any]) -> PeerInfo:
     peer = field(body, "peer", dict)
-    peer_id = field(peer, "peer_id", str)
+    peer_id = _check_peer_id(field(peer, "peer_id", str))
     address = field(peer, "address", str)
     host, _, port = address.rpartition(":")
-    if not peer_id or len(peer_id.encode("utf-8")) > 255:
-        raise ApiError(400, "bad_request", "peer_id must be 1 to 255 bytes (UTF-8)")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ApiError(
             400, "bad_request", f"peer address must be ip:port, not {address!r}"
@@ -122,16 +137,18 @@ class SupernodeApi(JsonApi):
             )
 
     async def leave(self, request: Request, params: list[str]) -> Any:
+        peer_id = _check_peer_id(params[1], in_path=True)
         with _errors():
-            await self.supernode.leave(params[0], params[1])
+            await self.supernode.leave(params[0], peer_id)
         return {}
 
     async def heartbeat(self, request: Request, params: list[str]) -> Any:
+        peer_id = _check_peer_id(params[0], in_path=True)
         body = read_json(request)
         task_ids = field(body, "tasks", list, [])
         if not all(isinstance(t, str) for t in task_ids):
             raise ApiError(400, "bad_request", "tasks must be a list of task ids")
-        return {"unknown": await self.supernode.heartbeat(params[0], task_ids)}
+        return {"unknown": await self.supernode.heartbeat(peer_id, task_ids)}
 
     async def list_tasks(self, request: Request, params: list[str]) -> Any:
         return {"tasks": await self.supernode.list_tasks()}
@@ -192,11 +209,11 @@ def _errors() -> Iterator[None]:
 def root(supernode: Supernode) -> Resource:
     """
     The API's resource tree: the status page C{/}, C{/_ping},
-    C{/api/v1/...} and C{/metrics}.
+    C{/api/v1/...} and C{/metrics}; a JSON 404 elsewhere.
     """
-    top = Resource()
+    top = Root()
     top.putChild(b"", StatusPage(supernode))
-    top.putChild(b"_ping", Data(b"OK", "text/plain"))
+    top.putChild(b"_ping", PlainText(b"OK"))
     top.putChild(b"api", SupernodeApi(supernode))
     top.putChild(b"metrics", MetricsResource(supernode.metrics.registry))
     return top

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from dragonfly.gc import DiskSpace, Entry, FreeSpace, Watermarks, choose, disk_space
 from dragonfly.metrics import SupernodeMetrics
-from dragonfly.store import PieceStore
+from dragonfly.store import DEFAULT_MAX_OPEN_FILES, PieceStore
 from dragonfly.supernode import scheduler
 from dragonfly.supernode.cdn import CdnFetch, ContentMismatch, SourceError
 from dragonfly.supernode.state import (
@@ -69,6 +69,7 @@ class Settings:
     cache_limit: int = 0
     min_free: FreeSpace = field(default_factory=FreeSpace)
     header_timeout: float = 30.0
+    max_open_files: int = DEFAULT_MAX_OPEN_FILES
 
 
 @dataclass
@@ -115,7 +116,9 @@ class Supernode:
         self._http = http
         self.settings = settings
         self._rng = rng or random.Random()
-        self.store = PieceStore(home / "cache", reactor)
+        self.store = PieceStore(
+            home / "cache", reactor, max_open_files=settings.max_open_files
+        )
         self._fetches: dict[str, CdnFetch] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self.bytes_from_source = 0
@@ -569,6 +572,16 @@ class Supernode:
                 and task_id not in self._fetches
                 and swarm.task.last_access < now - self.settings.task_expire
             )
+            being_read = self.store.tasks.get(task_id)
+            if idle and being_read is not None and being_read.readers:
+                # A peer that left may still be streaming a piece: closing
+                # the file would cut it off.  A later round expires the task.
+                self._log.info(
+                    "task {task_id} expiry postponed: {readers} pieces being served",
+                    task_id=task_id,
+                    readers=being_read.readers,
+                )
+                idle = False
             if idle:
                 # Only memory is freed: the cached file stays for a later
                 # registration, until the watermarks evict it.

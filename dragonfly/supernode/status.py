@@ -31,9 +31,9 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from dragonfly.resources import ReadOnly
 from dragonfly.supernode.service import Supernode
 from dragonfly.supernode.state import SUPERNODE
 
@@ -596,7 +596,7 @@ def _node(node: dict[str, Any], at: tuple[float, float]) -> str:
     )
 
 
-class StatusPage(Resource):
+class StatusPage(ReadOnly):
     """
     C{GET /}: the status page.
     """
