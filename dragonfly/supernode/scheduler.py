@@ -23,9 +23,10 @@ records their leases, and never waits.
 
 import heapq
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dragonfly.supernode.state import SUPERNODE, Lease, Swarm
+from dragonfly.supernode.state import SUPERNODE, Holders, Lease, Swarm
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ SAMPLE = 16
 
 
 def _least_loaded(
-    holders: dict[str, None],
+    holders: Holders,
     refused: set[str],
     load: dict[str, int],
     limits: Limits,
@@ -70,20 +71,34 @@ def _least_loaded(
     Looking at a random few rather than at every holder ("power of k
     choices") balances the load about as well, and keeps a call's cost
     independent of the swarm's size: a piece of a thousand-peer swarm has
-    a thousand holders.
+    a thousand holders.  The few are L{SAMPLE} draws with replacement (so
+    sometimes fewer distinct holders), each one index into the holders'
+    list: a call may look at dozens of pieces whose holders are all busy,
+    and C{random.sample} (a list copy and a rejection loop in Python per
+    piece) was most of the supernode's work.
     """
-    pool = list(holders)
-    if len(pool) > SAMPLE:
-        pool = rng.sample(pool, SAMPLE)
-    usable = [
-        h
-        for h in pool
-        if h not in refused and load.get(h, 0) < limits.peer_upload_limit
-    ]
-    if not usable:
+    order = holders.order
+    count = len(order)
+    pool: Iterable[str]
+    if count > SAMPLE:
+        draw = rng.random
+        pool = dict.fromkeys([order[int(draw() * count)] for _ in range(SAMPLE)])
+    else:
+        pool = order
+    least = limits.peer_upload_limit
+    best: list[str] = []
+    for holder in pool:
+        if holder in refused:
+            continue
+        used = load.get(holder, 0)
+        if used < least:
+            least = used
+            best = [holder]
+        elif used == least and best:
+            best.append(holder)
+    if not best:
         return None
-    least = min(load.get(h, 0) for h in usable)
-    return rng.choice([h for h in usable if load.get(h, 0) == least])
+    return best[0] if len(best) == 1 else rng.choice(best)
 
 
 def schedule(
@@ -116,13 +131,13 @@ def schedule(
     for piece in candidates:
         if len(chosen) >= want:
             break
-        piece_holders = holders.get(piece, {})
+        piece_holders = holders.get(piece)
         source = None
         if not only_supernode and piece_holders:
             source = _least_loaded(piece_holders, refused, load, limits, rng)
         if source is None:
             if only_supernode or (
-                piece_holders.keys() <= refused and not swarm.in_flight.get(piece)
+                _all_refused(piece_holders, refused) and not swarm.in_flight.get(piece)
             ):
                 if load.get(SUPERNODE, 0) >= limits.supernode_upload_limit:
                     continue
@@ -132,6 +147,12 @@ def schedule(
         swarm.add_lease(requester, piece, Lease(source, now + limits.lease_seconds))
         chosen.append(Assignment(piece, source))
     return chosen
+
+
+def _all_refused(holders: Holders | None, refused: set[str]) -> bool:
+    if holders is None or not holders:
+        return True
+    return len(holders) <= len(refused) and all(h in refused for h in holders.order)
 
 
 def record_finished(
