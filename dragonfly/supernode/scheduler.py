@@ -23,7 +23,6 @@ records their leases, and never waits.
 
 import heapq
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dragonfly.supernode.state import SUPERNODE, Holders, Lease, Swarm
@@ -79,22 +78,29 @@ def _least_loaded(
     """
     order = holders.order
     count = len(order)
-    pool: Iterable[str]
-    if count > SAMPLE:
-        draw = rng.random
-        pool = dict.fromkeys([order[int(draw() * count)] for _ in range(SAMPLE)])
-    else:
-        pool = order
-    least = limits.peer_upload_limit
+    limit = limits.peer_upload_limit
+    if count <= SAMPLE:
+        usable = [h for h in order if h not in refused and load.get(h, 0) < limit]
+        if not usable:
+            return None
+        least = min(load.get(h, 0) for h in usable)
+        return rng.choice([h for h in usable if load.get(h, 0) == least])
+    draw = rng.random
+    least = limit
     best: list[str] = []
-    for holder in pool:
+    for _ in range(SAMPLE):
+        holder = order[int(draw() * count)]
         if holder in refused:
             continue
         used = load.get(holder, 0)
+        if used == 0:
+            # Nobody can be less loaded: the first idle one drawn is as
+            # random a choice among the idle ones as any.
+            return holder
         if used < least:
             least = used
             best = [holder]
-        elif used == least and best:
+        elif used == least and best and holder not in best:
             best.append(holder)
     if not best:
         return None
@@ -124,21 +130,26 @@ def schedule(
         swarm.requester_failures.get(requester, 0) > limits.requester_failure_limit
     )
 
-    candidates = [p for p in swarm.task.pieces if p not in have and p not in mine]
-    candidates.sort(key=lambda p: (len(holders.get(p, ())), p))
+    # (holder count, piece) tuples sort in C, without a key function.
+    candidates = sorted(
+        (len(h.order) if (h := holders.get(p)) is not None else 0, p)
+        for p in swarm.task.pieces
+        if p not in have and p not in mine
+    )
 
     chosen: list[Assignment] = []
-    for piece in candidates:
+    for held_by, piece in candidates:
         if len(chosen) >= want:
             break
-        piece_holders = holders.get(piece)
         source = None
-        if not only_supernode and piece_holders:
-            source = _least_loaded(piece_holders, refused, load, limits, rng)
+        if not only_supernode and held_by:
+            source = _least_loaded(holders[piece], refused, load, limits, rng)
         if source is None:
-            if only_supernode or (
-                _all_refused(piece_holders, refused) and not swarm.in_flight.get(piece)
-            ):
+            all_refused = held_by == 0 or (
+                held_by <= len(refused)
+                and all(h in refused for h in holders[piece].order)
+            )
+            if only_supernode or (all_refused and not swarm.in_flight.get(piece)):
                 if load.get(SUPERNODE, 0) >= limits.supernode_upload_limit:
                     continue
                 source = SUPERNODE
@@ -147,12 +158,6 @@ def schedule(
         swarm.add_lease(requester, piece, Lease(source, now + limits.lease_seconds))
         chosen.append(Assignment(piece, source))
     return chosen
-
-
-def _all_refused(holders: Holders | None, refused: set[str]) -> bool:
-    if holders is None or not holders:
-        return True
-    return len(holders) <= len(refused) and all(h in refused for h in holders.order)
 
 
 def record_finished(
