@@ -16,7 +16,14 @@ from dragonfly.supernode.scheduler import (
     record_finished,
     schedule,
 )
-from dragonfly.supernode.state import SUPERNODE, Lease, PeerInfo, Swarm, TaskInfo
+from dragonfly.supernode.state import (
+    SUPERNODE,
+    Holders,
+    Lease,
+    PeerInfo,
+    Swarm,
+    TaskInfo,
+)
 
 TASK_ID = "ef" * 32
 ROOMY = Limits(peer_upload_limit=100, supernode_upload_limit=100)
@@ -512,3 +519,43 @@ def test_schedule_invariants(
         )
         if new:
             assert count <= limit
+
+
+@DETERMINISTIC
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 20)), max_size=60))
+def test_holders_behave_as_a_set(changes: list[tuple[bool, int]]) -> None:
+    """
+    Whatever the adds and removals, a piece's holders are exactly the peers
+    added and not removed since, each once in the list the scheduler draws
+    from.
+    """
+    holders = Holders()
+    expected: set[str] = set()
+    for add, n in changes:
+        name = f"p{n}"
+        if add:
+            holders.add(name)
+            expected.add(name)
+        else:
+            holders.discard(name)
+            expected.discard(name)
+        assert sorted(holders.order) == sorted(expected)
+        assert len(holders) == len(expected)
+        assert all(name in holders for name in expected)
+
+
+def test_large_swarm_draws_the_least_loaded_of_a_sample() -> None:
+    """
+    With more holders than the sample, the source is still an idle holder
+    when most are idle, and a busy one at the limit is never chosen.
+    """
+    peers = (*(f"h{i}" for i in range(200)), "r")
+    limits = Limits(peer_upload_limit=1)
+    for seed in range(20):
+        swarm = make_swarm(1, peers=peers)
+        for i in range(200):
+            hold(swarm, f"h{i}", 0)
+        for i in range(0, 200, 2):
+            lease(swarm, f"x{i}", 0, f"h{i}", 100)
+        (chosen,) = run(swarm, want=1, limits=limits, seed=seed)
+        assert int(chosen.source[1:]) % 2 == 1

@@ -25,7 +25,7 @@ import heapq
 import random
 from dataclasses import dataclass
 
-from dragonfly.supernode.state import SUPERNODE, Lease, Swarm
+from dragonfly.supernode.state import SUPERNODE, Holders, Lease, Swarm
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ SAMPLE = 16
 
 
 def _least_loaded(
-    holders: dict[str, None],
+    holders: Holders,
     refused: set[str],
     load: dict[str, int],
     limits: Limits,
@@ -70,20 +70,41 @@ def _least_loaded(
     Looking at a random few rather than at every holder ("power of k
     choices") balances the load about as well, and keeps a call's cost
     independent of the swarm's size: a piece of a thousand-peer swarm has
-    a thousand holders.
+    a thousand holders.  The few are L{SAMPLE} draws with replacement (so
+    sometimes fewer distinct holders), each one index into the holders'
+    list: a call may look at dozens of pieces whose holders are all busy,
+    and C{random.sample} (a list copy and a rejection loop in Python per
+    piece) was most of the supernode's work.
     """
-    pool = list(holders)
-    if len(pool) > SAMPLE:
-        pool = rng.sample(pool, SAMPLE)
-    usable = [
-        h
-        for h in pool
-        if h not in refused and load.get(h, 0) < limits.peer_upload_limit
-    ]
-    if not usable:
+    order = holders.order
+    count = len(order)
+    limit = limits.peer_upload_limit
+    if count <= SAMPLE:
+        usable = [h for h in order if h not in refused and load.get(h, 0) < limit]
+        if not usable:
+            return None
+        least = min(load.get(h, 0) for h in usable)
+        return rng.choice([h for h in usable if load.get(h, 0) == least])
+    draw = rng.random
+    least = limit
+    best: list[str] = []
+    for _ in range(SAMPLE):
+        holder = order[int(draw() * count)]
+        if holder in refused:
+            continue
+        used = load.get(holder, 0)
+        if used == 0:
+            # Nobody can be less loaded: the first idle one drawn is as
+            # random a choice among the idle ones as any.
+            return holder
+        if used < least:
+            least = used
+            best = [holder]
+        elif used == least and best and holder not in best:
+            best.append(holder)
+    if not best:
         return None
-    least = min(load.get(h, 0) for h in usable)
-    return rng.choice([h for h in usable if load.get(h, 0) == least])
+    return best[0] if len(best) == 1 else rng.choice(best)
 
 
 def schedule(
@@ -109,21 +130,26 @@ def schedule(
         swarm.requester_failures.get(requester, 0) > limits.requester_failure_limit
     )
 
-    candidates = [p for p in swarm.task.pieces if p not in have and p not in mine]
-    candidates.sort(key=lambda p: (len(holders.get(p, ())), p))
+    # (holder count, piece) tuples sort in C, without a key function.
+    candidates = sorted(
+        (len(h.order) if (h := holders.get(p)) is not None else 0, p)
+        for p in swarm.task.pieces
+        if p not in have and p not in mine
+    )
 
     chosen: list[Assignment] = []
-    for piece in candidates:
+    for held_by, piece in candidates:
         if len(chosen) >= want:
             break
-        piece_holders = holders.get(piece, {})
         source = None
-        if not only_supernode and piece_holders:
-            source = _least_loaded(piece_holders, refused, load, limits, rng)
+        if not only_supernode and held_by:
+            source = _least_loaded(holders[piece], refused, load, limits, rng)
         if source is None:
-            if only_supernode or (
-                piece_holders.keys() <= refused and not swarm.in_flight.get(piece)
-            ):
+            all_refused = held_by == 0 or (
+                held_by <= len(refused)
+                and all(h in refused for h in holders[piece].order)
+            )
+            if only_supernode or (all_refused and not swarm.in_flight.get(piece)):
                 if load.get(SUPERNODE, 0) >= limits.supernode_upload_limit:
                     continue
                 source = SUPERNODE

@@ -6,6 +6,12 @@ Scheduling calls are long polls: when nothing can be assigned yet (the CDN
 has not cut the next piece, or every holder is busy) the call waits, up to
 the time the peer allows, for the swarm to change, instead of having peers
 poll in a loop.
+
+A change wakes every call waiting on the task, at the end of the reactor
+turn rather than at once: a busy swarm reports many pieces per turn, and
+waking the waiters at each report made each of them schedule again once
+per report (a thousand parked calls times the reports of the turn).  The
+waiters of a turn are woken once, after all its reports are recorded.
 """
 
 import os
@@ -121,6 +127,7 @@ class Supernode:
         )
         self._fetches: dict[str, CdnFetch] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
+        self._waking: dict[str, IDelayedCall] = {}
         self.bytes_from_source = 0
         self.metrics = metrics if metrics is not None else SupernodeMetrics()
         self._space_of = space_of
@@ -465,6 +472,15 @@ class Supernode:
         return swarm
 
     def _changed(self, task_id: str) -> None:
+        """
+        Wake the calls waiting on C{task_id}, once per reactor turn however
+        many changes the turn makes.
+        """
+        if task_id in self._waiters and task_id not in self._waking:
+            self._waking[task_id] = self._reactor.callLater(0, self._wake, task_id)
+
+    def _wake(self, task_id: str) -> None:
+        self._waking.pop(task_id, None)
         for waiter in self._waiters.pop(task_id, []):
             if not waiter.called:
                 waiter.callback(None)
@@ -703,8 +719,12 @@ class Supernode:
         self._counting = None
         for fetch in list(self._fetches.values()):
             fetch.stop()
+        for call in self._waking.values():
+            if call.active():
+                call.cancel()
+        self._waking.clear()
         for task_id in list(self._waiters):
-            self._changed(task_id)
+            self._wake(task_id)
         self.store.close()
 
 

@@ -75,6 +75,42 @@ class Lease:
     expires: float
 
 
+class Holders:
+    """
+    The peers holding one piece, kept so that the scheduler can draw one at
+    random in constant time (a list) and a peer can be removed in constant
+    time (each one's place in the list; the last one moves into the hole).
+    The order depends only on the order of the changes, so a seeded random
+    draw is reproducible.
+    """
+
+    __slots__ = ("_at", "order")
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self._at: dict[str, int] = {}
+
+    def add(self, peer_id: str) -> None:
+        if peer_id not in self._at:
+            self._at[peer_id] = len(self.order)
+            self.order.append(peer_id)
+
+    def discard(self, peer_id: str) -> None:
+        at = self._at.pop(peer_id, None)
+        if at is None:
+            return
+        last = self.order.pop()
+        if at < len(self.order):
+            self.order[at] = last
+            self._at[last] = at
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._at
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 @dataclass
 class Swarm:
     """
@@ -97,9 +133,7 @@ class Swarm:
     blacklist: dict[str, set[str]] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     served: dict[str, int] = field(default_factory=dict)
-    # piece -> its holders, in the order they got it (a dict: ordered, so
-    # that a seeded random choice among them is reproducible)
-    holders: dict[int, dict[str, None]] = field(default_factory=dict)
+    holders: dict[int, Holders] = field(default_factory=dict)
     load: dict[str, int] = field(default_factory=dict)
     in_flight: dict[int, int] = field(default_factory=dict)
     leased: dict[str, set[int]] = field(default_factory=dict)
@@ -110,11 +144,16 @@ class Swarm:
         self.holdings.setdefault(peer_id, set()).add(piece)
         # Only members in good standing are sources.
         if peer_id in self.peers and peer_id not in self.banned:
-            self.holders.setdefault(piece, {})[peer_id] = None
+            holders = self.holders.get(piece)
+            if holders is None:
+                holders = self.holders[piece] = Holders()
+            holders.add(peer_id)
 
     def forget_holdings(self, peer_id: str) -> None:
         for piece in self.holdings.pop(peer_id, set()):
-            self.holders.get(piece, {}).pop(peer_id, None)
+            holders = self.holders.get(piece)
+            if holders is not None:
+                holders.discard(peer_id)
 
     def add_lease(self, requester: str, piece: int, lease: Lease) -> None:
         self.drop_lease(requester, piece)
