@@ -160,6 +160,15 @@ class SourceServer:
             entries = [e for e in entries if e["path"] == f"/{name}"]
         return entries
 
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> None:
+        """
+        Wait until C{count} requests are logged: the source logs a request
+        after its body went out, so a client can have it all first.
+        """
+        deadline = time.monotonic() + timeout
+        while len(self.requests()) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def bytes_sent(self, name: str) -> int:
         return sum(e["bytes_sent"] for e in self.requests(name) if e["method"] == "GET")
 

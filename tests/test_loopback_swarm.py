@@ -146,6 +146,7 @@ def test_source_server_counts_bytes_and_serves_ranges(source: SourceServer) -> N
     assert http_get(url, headers={"Range": "bytes=1000-"})[0] == 416
     assert http_get(url, headers={"If-None-Match": etag})[0] == 304
     assert http_get(source.url("nope.bin"))[0] == 404
+    source.wait_for_requests(7)
     logged = [(r["status"], r["bytes_sent"]) for r in source.requests()]
     assert logged == [
         (200, 1000),
