@@ -388,6 +388,28 @@ async def test_unknown_preheat_is_404(harness: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_preheats_at_dragonfly_1x_path(harness: Harness) -> None:
+    """
+    C{/preheats}, where Dragonfly 1.x has the API, starts, lists and shows
+    the same preheats as C{/api/v1/preheats}.
+    """
+    harness.files.files["/old.bin"] = b"o" * 5000
+    status, started, _ = await harness.call(
+        "POST", "/preheats", {"type": "file", "url": harness.source_url("old.bin")}
+    )
+    assert status == 202, started
+    status, listed, _ = await harness.call("GET", "/preheats")
+    assert status == 200
+    assert [p["id"] for p in listed["preheats"]] == [started["id"]]
+    status, shown, _ = await harness.call("GET", f"/api/v1/preheats/{started['id']}")
+    assert (status, shown["id"]) == (200, started["id"])
+    status, shown, _ = await harness.call("GET", f"/preheats/{started['id']}")
+    assert (status, shown["id"]) == (200, started["id"])
+    status, reply, _ = await harness.call("GET", "/preheats/nope")
+    assert (status, reply["error"]) == (404, "unknown")
+
+
+@pytest_twisted.ensureDeferred
 async def test_history_and_concurrency_are_bounded(tmp_path: Path) -> None:
     """
     At most C{max_active} preheats run at once (the next is refused with

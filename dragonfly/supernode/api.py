@@ -206,14 +206,33 @@ def _errors() -> Iterator[None]:
         ) from e
 
 
+class _PreheatsAlias(Resource):
+    """
+    C{/preheats}, where Dragonfly 1.x's preheat API is (and so its users'
+    scripts), answered by the same handlers as C{/api/v1/preheats}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: SupernodeApi) -> None:
+        super().__init__()
+        self._api = api
+
+    def render(self, request: Request) -> Any:
+        request.postpath = [b"v1", b"preheats", *(request.postpath or [])]
+        return self._api.render(request)
+
+
 def root(supernode: Supernode) -> Resource:
     """
     The API's resource tree: the status page C{/}, C{/_ping},
-    C{/api/v1/...} and C{/metrics}; a JSON 404 elsewhere.
+    C{/api/v1/...}, C{/preheats} and C{/metrics}; a JSON 404 elsewhere.
     """
     top = Root()
+    api = SupernodeApi(supernode)
     top.putChild(b"", StatusPage(supernode))
     top.putChild(b"_ping", PlainText(b"OK"))
-    top.putChild(b"api", SupernodeApi(supernode))
+    top.putChild(b"api", api)
+    top.putChild(b"preheats", _PreheatsAlias(api))
     top.putChild(b"metrics", MetricsResource(supernode.metrics.registry))
     return top
