@@ -34,6 +34,7 @@ from twisted.logger import (
 )
 
 from dragonfly import __version__
+from dragonfly.cli import parse_header, tls_from_args, typed
 from dragonfly.clientlog import make_sign, open_client_log
 from dragonfly.config import add_dfget_config_argument, apply_dfget_config
 from dragonfly.gc import Watermarks
@@ -47,7 +48,6 @@ from dragonfly.peer.supernode_client import (
     parse_nodes,
 )
 from dragonfly.tasks import InvalidRequest, check_digest, check_url
-from dragonfly.tls import TLSConfig, TLSConfigError
 from dragonfly.units import format_size, parse_duration, parse_size
 
 EXIT_CODES = {
@@ -62,24 +62,6 @@ EXIT_CODES = {
 _log = Logger()
 
 
-def _typed(parse: Any, what: str) -> Any:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = what
-    return convert
-
-
-def _header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise ValueError(f"header must be 'Name: value', got {text!r}")
-    return name.strip(), value.strip()
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dfget",
@@ -89,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
         "-u",
         "--url",
         required=True,
-        type=_typed(check_url, "URL"),
+        type=typed(check_url, "URL"),
         help="http or https URL to download",
     )
     p.add_argument(
@@ -114,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ip",
-        type=_typed(ip_address, "IP"),
+        type=typed(ip_address, "IP"),
         default="127.0.0.1",
         help="address to bind and advertise to other peers (default 127.0.0.1)",
     )
@@ -128,12 +110,12 @@ def parser() -> argparse.ArgumentParser:
         "--header",
         action="append",
         default=[],
-        type=_typed(_header, "header"),
+        type=typed(parse_header, "header"),
         help="'Name: value' header for the source; repeatable",
     )
     p.add_argument(
         "--digest",
-        type=_typed(check_digest, "digest"),
+        type=typed(check_digest, "digest"),
         default=None,
         help="expected sha256:<hex> of the whole file",
     )
@@ -152,26 +134,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-s",
         "--locallimit",
-        type=_typed(parse_size, "size"),
+        type=typed(parse_size, "size"),
         default=0,
         help="download rate limit for this file, e.g. 50M (default: none)",
     )
     p.add_argument(
         "--totallimit",
-        type=_typed(parse_size, "size"),
+        type=typed(parse_size, "size"),
         default=0,
         help="download rate limit for this process (default: none)",
     )
     p.add_argument(
         "--uploadlimit",
-        type=_typed(parse_size, "size"),
+        type=typed(parse_size, "size"),
         default=0,
         help="upload rate limit to other peers (default: none)",
     )
     p.add_argument(
         "-e",
         "--timeout",
-        type=_typed(parse_duration, "duration"),
+        type=typed(parse_duration, "duration"),
         default=0.0,
         help="give up after this long, e.g. 10m (default: never; stalls "
         "are caught by the watchdogs)",
@@ -181,14 +163,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--keep-serving",
-        type=_typed(parse_duration, "duration"),
+        type=typed(parse_duration, "duration"),
         default=60.0,
         help="after finishing, keep serving pieces while other peers "
         "still download, at most this long (default 60s; 0: exit at once)",
     )
     p.add_argument(
         "--stall-timeout",
-        type=_typed(parse_duration, "duration"),
+        type=typed(parse_duration, "duration"),
         default=15.0,
         help="move a piece to another node when its node sends nothing for "
         "this long (default 15s)",
@@ -240,16 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if args.output.is_dir():
         p.error(f"--output {args.output} is a directory")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        p.error("--tls-cert and --tls-key go together")
-    if args.tls_ca and not args.tls_cert:
-        p.error("--tls-ca needs --tls-cert and --tls-key")
-    args.tls = None
-    if args.tls_cert:
-        try:
-            args.tls = TLSConfig.load(args.tls_cert, args.tls_key, args.tls_ca)
-        except TLSConfigError as e:
-            p.error(str(e))
+    args.tls = tls_from_args(p, args)
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port} is not a port number")
     if args.showbar is None:

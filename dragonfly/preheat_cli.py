@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater, react
 
+from dragonfly.cli import parse_header, tls_from_args, typed
 from dragonfly.peer.supernode_client import (
     SupernodeClient,
     SupernodeRefused,
@@ -27,29 +28,10 @@ from dragonfly.peer.supernode_client import (
     parse_nodes,
 )
 from dragonfly.tasks import InvalidRequest, check_digest, check_url
-from dragonfly.tls import TLSConfig, TLSConfigError
 from dragonfly.units import format_size, parse_duration
 
 CALL_TIMEOUT = 10.0
 POLL_INTERVAL = 1.0
-
-
-def _typed(parse: Any, what: str) -> Any:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = what
-    return convert
-
-
-def _header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise ValueError(f"header must be 'Name: value', got {text!r}")
-    return name.strip(), value.strip()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,12 +63,12 @@ def parser() -> argparse.ArgumentParser:
         "--header",
         action="append",
         default=[],
-        type=_typed(_header, "header"),
+        type=typed(parse_header, "header"),
         help="'Name: value' header for the source or registry; repeatable",
     )
     p.add_argument(
         "--digest",
-        type=_typed(check_digest, "digest"),
+        type=typed(check_digest, "digest"),
         default=None,
         help="expected sha256:<hex> of the file (part of its task identity)",
     )
@@ -113,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-e",
         "--timeout",
-        type=_typed(parse_duration, "duration"),
+        type=typed(parse_duration, "duration"),
         default=1800.0,
         help="stop waiting after this long, e.g. 10m (default 30m)",
     )
@@ -141,14 +123,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.nodes = parse_nodes(args.node or ["127.0.0.1:8002"])
     except ValueError as e:
         p.error(str(e))
-    if bool(args.tls_cert) != bool(args.tls_key):
-        p.error("--tls-cert and --tls-key go together")
-    args.tls = None
-    if args.tls_cert:
-        try:
-            args.tls = TLSConfig.load(args.tls_cert, args.tls_key, args.tls_ca)
-        except TLSConfigError as e:
-            p.error(str(e))
+    args.tls = tls_from_args(p, args)
     return args
 
 
