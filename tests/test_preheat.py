@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from api_rig import PIECE, TIMEOUT, QuietSite, live_supernode
 from loopback import Dfget, Processes, SourceServer, run_dfget_args, start_supernode
 from registry_env import push, start_registry
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from dragonfly.devtools.oci import ImageIndex, ImageLayout
 from dragonfly.http import http_client
-from dragonfly.supernode.api import root
 from dragonfly.supernode.preheat import (
     PreheatBusy,
     Preheater,
@@ -40,14 +40,6 @@ from dragonfly.supernode.preheat import (
 from dragonfly.supernode.service import Settings, Supernode
 from dragonfly.supernode.state import InMemorySwarmState
 from dragonfly.tasks import InvalidRequest, task_id_for
-
-PIECE = 64 * 1024
-TIMEOUT = 10.0
-
-
-class QuietSite(Site):
-    def log(self, request: Request) -> None:
-        pass
 
 
 class Files(Resource):
@@ -190,34 +182,17 @@ class Harness:
 @pytest_twisted.async_yield_fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     files = Files()
-    source_port = reactor.listenTCP(0, QuietSite(files), interface="127.0.0.1")
-    source_client = http_client(reactor)
-    supernode = Supernode(
-        reactor,
-        tmp_path / "home",
-        InMemorySwarmState(),
-        source_client,
-        Settings(piece_size=PIECE, header_timeout=5.0),
-    )
-    top = root(supernode)
-    api = top.children[b"api"]
-    api_port = reactor.listenTCP(0, QuietSite(top), interface="127.0.0.1")
-    client = http_client(reactor)
-    yield Harness(
-        supernode,
-        files,
-        api_port.getHost().port,
-        source_port.getHost().port,
-        client,
-        api.preheats,
-    )
-    supernode.stop()
-    for request in files.stalled:
-        request.transport.abortConnection()
-    for c in (client, source_client):
-        await c._agent._pool.closeCachedConnections()
-    await api_port.stopListening()
-    await source_port.stopListening()
+    async with live_supernode(tmp_path, files) as live:
+        yield Harness(
+            live.supernode,
+            files,
+            live.api_port,
+            live.source_port,
+            live.client,
+            live.top.children[b"api"].preheats,
+        )
+        for request in files.stalled:
+            request.transport.abortConnection()
 
 
 def cached_sha256(supernode: Supernode, task_id: str) -> str:

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from api_rig import TIMEOUT, QuietSite
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from dragonfly.http import http_client
 from dragonfly.peer import api as peer_api
@@ -28,13 +29,6 @@ from dragonfly.store import PieceStore
 from dragonfly.supernode import api as supernode_api
 from dragonfly.supernode.service import Settings, Supernode
 from dragonfly.supernode.state import InMemorySwarmState
-
-TIMEOUT = 10.0
-
-
-class QuietSite(Site):
-    def log(self, request: Request) -> None:
-        pass
 
 
 def supernode_root(tmp_path: Path, cleanup: list[Callable[[], Any]]) -> Resource:

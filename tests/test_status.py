@@ -19,13 +19,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from api_rig import PIECE, TIMEOUT, live_supernode
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from dragonfly.http import http_client
-from dragonfly.supernode.api import root
 from dragonfly.supernode.service import Settings, Supernode
 from dragonfly.supernode.state import (
     SUPERNODE,
@@ -44,8 +43,6 @@ from dragonfly.supernode.status import (
 )
 from dragonfly.supernode.transfers import TransferLog
 
-PIECE = 64 * 1024
-TIMEOUT = 10.0
 EVIL = '<script>alert("x")</script>'
 
 
@@ -342,11 +339,6 @@ class Files(Resource):
         return body
 
 
-class QuietSite(Site):
-    def log(self, request: Request) -> None:
-        pass
-
-
 @dataclass
 class Served:
     supernode: Supernode
@@ -383,25 +375,10 @@ class Served:
 @pytest_twisted.async_yield_fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     files = Files()
-    source_port = reactor.listenTCP(0, QuietSite(files), interface="127.0.0.1")
-    source_client = http_client(reactor)
-    supernode = Supernode(
-        reactor,
-        tmp_path / "home",
-        InMemorySwarmState(),
-        source_client,
-        Settings(piece_size=PIECE, header_timeout=5.0),
-    )
-    api_port = reactor.listenTCP(0, QuietSite(root(supernode)), interface="127.0.0.1")
-    client = http_client(reactor)
-    yield Served(
-        supernode, files, api_port.getHost().port, source_port.getHost().port, client
-    )
-    supernode.stop()
-    for c in (client, source_client):
-        await c._agent._pool.closeCachedConnections()
-    await api_port.stopListening()
-    await source_port.stopListening()
+    async with live_supernode(tmp_path, files) as live:
+        yield Served(
+            live.supernode, files, live.api_port, live.source_port, live.client
+        )
 
 
 async def _schedule(served: Served, task_id: str, peer_id: str, **body: Any) -> Any:

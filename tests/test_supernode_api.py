@@ -14,20 +14,16 @@ from urllib.parse import quote
 
 import pytest
 import pytest_twisted
+from api_rig import PIECE, TIMEOUT, live_supernode
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from dragonfly.http import http_client
 from dragonfly.jsonapi import MAX_BODY
-from dragonfly.supernode.api import root
-from dragonfly.supernode.service import Settings, Supernode
-from dragonfly.supernode.state import InMemorySwarmState, TaskStatus
+from dragonfly.supernode.service import Supernode
+from dragonfly.supernode.state import TaskStatus
 from dragonfly.tasks import task_id_for
-
-PIECE = 64 * 1024
-TIMEOUT = 10.0
 
 
 class Files(Resource):
@@ -60,11 +56,6 @@ class Files(Resource):
             return b"not here"
         request.setHeader("etag", '"e1"')
         return body
-
-
-class QuietSite(Site):
-    def log(self, request: Request) -> None:
-        pass
 
 
 @dataclass
@@ -115,25 +106,8 @@ class Api:
 @pytest_twisted.async_yield_fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     files = Files()
-    source_port = reactor.listenTCP(0, QuietSite(files), interface="127.0.0.1")
-    source_client = http_client(reactor)
-    supernode = Supernode(
-        reactor,
-        tmp_path / "home",
-        InMemorySwarmState(),
-        source_client,
-        Settings(piece_size=PIECE, header_timeout=5.0),
-    )
-    api_port = reactor.listenTCP(0, QuietSite(root(supernode)), interface="127.0.0.1")
-    client = http_client(reactor)
-    yield Api(
-        supernode, files, api_port.getHost().port, source_port.getHost().port, client
-    )
-    supernode.stop()
-    for c in (client, source_client):
-        await c._agent._pool.closeCachedConnections()
-    await api_port.stopListening()
-    await source_port.stopListening()
+    async with live_supernode(tmp_path, files) as live:
+        yield Api(live.supernode, files, live.api_port, live.source_port, live.client)
 
 
 def peer(n: int = 1) -> dict[str, str]:
