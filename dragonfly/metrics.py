@@ -155,6 +155,14 @@ class SupernodeMetrics:
             ["reason"],
             registry=r,
         )
+        self.delivered_bytes = Counter(
+            "dragonfly_supernode_delivered_bytes",
+            "Piece bytes peers reported as verified, by the tier that sent "
+            "them (peer or supernode): the share sent by peers is the bytes "
+            "saved.",
+            ["tier"],
+            registry=r,
+        )
         self.tasks = Gauge(
             "dragonfly_supernode_tasks",
             "Tasks known, by status (refreshed by each housekeeping round).",
@@ -175,6 +183,8 @@ class SupernodeMetrics:
         self.evictions = _Eviction("dragonfly_supernode", "cache", r)
         for action in ("blacklist", "ban"):
             self.blacklist.labels(action=action)
+        for tier in ("peer", "supernode"):
+            self.delivered_bytes.labels(tier=tier)
 
     def watch_piece_server(self, stats: Callable[[], Any]) -> None:
         """

@@ -477,6 +477,29 @@ def test_metrics_move_during_a_real_download(
         peers[0], "dragonfly_peer_pieces_served_total"
     )
     assert pieces == 2 * 7
+    # What the peers reported, by the tier that sent it, is what they
+    # counted themselves (a peer's last report may follow its download's
+    # end): the swarm-wide bytes saved can be scraped.
+    counted = {
+        tier: sum(
+            value(peer, "dragonfly_peer_download_bytes_total", tier=tier)
+            for peer in peers
+        )
+        for tier in ("peer", "supernode")
+    }
+    assert counted["peer"] + counted["supernode"] == 2 * size
+
+    def reported() -> dict[str, float]:
+        found = scrape(supernode.url("/metrics"))
+        return {
+            tier: value(found, "dragonfly_supernode_delivered_bytes_total", tier=tier)
+            for tier in counted
+        }
+
+    deadline = time.monotonic() + 10
+    while reported() != counted and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert reported() == counted
     # The swarm gauges are recounted within a second of a change.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -341,7 +341,49 @@ class Supernode:
         limits = self.settings.limits
         # CPU time of the decisions, not the clock of the long poll.
         started = time.perf_counter()
+        self._record_report(task_id, swarm, peer_id, finished, failed)
+        if finished or failed:
+            self._changed(task_id)
+        while True:
+            now = self._reactor.seconds()
+            swarm.peers[peer_id].last_seen = now
+            swarm.task.last_access = now
+            task = swarm.task
+            have = swarm.holdings.get(peer_id, set())
+            done = task.status is TaskStatus.DONE and len(have) == task.piece_count
+            assignments: list[scheduler.Assignment] = []
+            if done:
+                swarm.finished.add(peer_id)
+            elif task.status is not TaskStatus.FAILED:
+                assignments = scheduler.schedule(
+                    swarm, peer_id, want, now, limits, self._rng
+                )
+            self.metrics.schedule_duration.observe(time.perf_counter() - started)
+            await self.state.put(swarm)
+            if assignments or done or task.status is TaskStatus.FAILED:
+                break
+            if want == 0 or now >= deadline:
+                break
+            await self._wait_for_change(task_id, deadline - now)
+            swarm = await self._swarm_of(task_id, peer_id)
+            started = time.perf_counter()
+        return self._schedule_reply(swarm, peer_id, assignments, done)
+
+    def _record_report(
+        self,
+        task_id: str,
+        swarm: Swarm,
+        peer_id: str,
+        finished: list[int],
+        failed: list[FailedPiece],
+    ) -> None:
+        """
+        Take in the pieces a peer reports: who sent each verified one (for
+        the transfer log and the delivered bytes), and each failure (for the
+        blacklist and bans).
+        """
         task = swarm.task
+        limits = self.settings.limits
         for piece, source in scheduler.record_finished(swarm, peer_id, finished):
             size = (
                 piece_bounds(piece, task.piece_size, task.length)[1]
@@ -349,6 +391,8 @@ class Supernode:
                 else task.piece_size
             )
             self.transfers.record(task_id, source, peer_id, size)
+            tier = "supernode" if source == SUPERNODE else "peer"
+            self.metrics.delivered_bytes.labels(tier=tier).inc(size)
         for failure in failed:
             source = (
                 SUPERNODE if failure.source.startswith("cdnnode:") else failure.source
@@ -385,32 +429,6 @@ class Supernode:
                     source=source,
                     reason=failure.reason,
                 )
-        if finished or failed:
-            self._changed(task_id)
-        while True:
-            now = self._reactor.seconds()
-            swarm.peers[peer_id].last_seen = now
-            swarm.task.last_access = now
-            task = swarm.task
-            have = swarm.holdings.get(peer_id, set())
-            done = task.status is TaskStatus.DONE and len(have) == task.piece_count
-            assignments: list[scheduler.Assignment] = []
-            if done:
-                swarm.finished.add(peer_id)
-            elif task.status is not TaskStatus.FAILED:
-                assignments = scheduler.schedule(
-                    swarm, peer_id, want, now, limits, self._rng
-                )
-            self.metrics.schedule_duration.observe(time.perf_counter() - started)
-            await self.state.put(swarm)
-            if assignments or done or task.status is TaskStatus.FAILED:
-                break
-            if want == 0 or now >= deadline:
-                break
-            await self._wait_for_change(task_id, deadline - now)
-            swarm = await self._swarm_of(task_id, peer_id)
-            started = time.perf_counter()
-        return self._schedule_reply(swarm, peer_id, assignments, done)
 
     def _schedule_reply(
         self,
