@@ -450,6 +450,9 @@ WIDTH, HEIGHT = 720, 440
 CENTRE = (WIDTH / 2, HEIGHT / 2)
 RADIUS = 170.0
 NODE_RADIUS = 14.0
+# A label on the circle's left ends 24 px right of the node (x = 166): at
+# about 7 px a character in 12 px sans-serif, 22 characters stay in view.
+LABEL_CHARS = 22
 
 
 def _positions(count: int) -> list[tuple[float, float]]:
@@ -591,7 +594,7 @@ def _node(node: dict[str, Any], at: tuple[float, float]) -> str:
         f'<g class="node peer"><circle cx="{x:.1f}" cy="{y:.1f}" '
         f'r="{NODE_RADIUS:.0f}" fill="{fill}" stroke="#fff" stroke-width="2"/>'
         f'<text x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" font-size="12" '
-        f'fill="#1f2933">{_e(_short(_node_label(node)))}</text>'
+        f'fill="#1f2933">{_e(_short(_node_label(node), LABEL_CHARS))}</text>'
         f"<title>{_e(tip)}</title></g>"
     )
 
