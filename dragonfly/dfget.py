@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dfget",
         description="Download a URL through the Dragonfly swarm.",
+        epilog="Other commands: 'dfget preheat' fills the supernode's cache "
+        "with a file or an image before a rollout; 'dfget doctor' checks "
+        "this host's set-up end to end.  Each takes --help.",
     )
     p.add_argument(
         "-u",

@@ -19,7 +19,7 @@ from loopback import (
 )
 from twisted.logger import LogLevel
 
-from dragonfly import doctor
+from dragonfly import dfget, doctor
 from dragonfly.clientlog import PIECE_NAMESPACE, open_client_log
 from dragonfly.devtools import registry as _registry
 
@@ -254,3 +254,12 @@ def test_downloads_only_from_the_supernode_warn(tmp_path: Path) -> None:
     assert finding.status == "WARN"
     assert "3.0 KiB (100%) from the supernode" in finding.message
     assert "nothing came from other peers" in finding.message
+
+
+def test_dfget_help_names_the_doctor_and_preheat_commands() -> None:
+    """
+    The two sub-commands are found from plain C{dfget --help}.
+    """
+    text = " ".join(dfget.parser().format_help().split())
+    assert "'dfget doctor' checks this host's set-up" in text
+    assert "'dfget preheat' fills the supernode's cache" in text
