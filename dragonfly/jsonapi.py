@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-MAX_BODY = 1 << 20
+from dragonfly.httpserver import MAX_BODY
 
 Handler = Callable[[Request, list[str]], Awaitable[Any]]
 

@@ -99,8 +99,8 @@ HTTP_TIMEOUT_PARAMETER = [
     "http-timeout",
     None,
     60.0,
-    "Close an HTTP connection idle this long, or still sending a request's "
-    "headers after this long.",
+    "Close an HTTP connection idle this long, or still sending a request "
+    "(headers and body) after this long.",
     duration_option("http-timeout"),
 ]
 

@@ -171,7 +171,7 @@ def test_slow_loris_on_every_port_is_cut_off_while_others_are_served(
     """
     50 connections on each of the four ports (both daemons' HTTP and piece
     ports) trickle a request a byte every 0.5 s, more often than the idle
-    timeout.  The HTTP ports close them at their 2 s header deadline, the
+    timeout.  The HTTP ports close them at their 2 s request deadline, the
     piece ports at their 10 s handshake deadline; meanwhile /_ping, piece
     requests and a whole dfget are served at once.
     """

@@ -683,6 +683,14 @@ class MirrorSite(DaemonSite):
         super().__init__(resource, timeout)
         self._proxy = proxy
 
+    def body_refusal(self, message: str) -> bytes:
+        """
+        The distribution spec's error body: registry clients read this form.
+        """
+        return json.dumps(
+            {"errors": [{"code": "SIZE_INVALID", "message": message}]}
+        ).encode()
+
     def getResourceFor(self, request: Request) -> Any:
         if request.uri.startswith((b"http://", b"https://")):
             request.site = self
