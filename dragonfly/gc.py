@@ -45,6 +45,14 @@ class FreeSpace:
     def __bool__(self) -> bool:
         return bool(self.size or self.fraction)
 
+    def __str__(self) -> str:
+        """
+        The minimum as it is written in a flag (the help's default).
+        """
+        if self.fraction:
+            return f"{self.fraction * 100:g}%"
+        return str(self.size)
+
     def required(self, total: int) -> int:
         """
         The free bytes wanted on a filesystem of C{total} bytes.

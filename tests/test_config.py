@@ -378,6 +378,20 @@ def test_the_documented_examples_are_valid(
     blocks = re.findall(r"```yaml\n(.*?)```", docs.read_text(), re.DOTALL)
     examples = {b.split(":", 1)[0].rsplit("/", 1)[-1]: b for b in blocks}
     assert set(examples) == {"supernode.yml", "dfpeer.yml", "dfget.yml"}
+    # Every key is in its example ("every key, with its default"), commented
+    # out or not.
+    written = {
+        name: set(re.findall(r"^#? ?([a-z][a-z0-9-]*):", block, re.MULTILINE))
+        for name, block in examples.items()
+    }
+    for name, options_class in (
+        ("supernode.yml", supernode_tap.Options),
+        ("dfpeer.yml", peer_tap.Options),
+    ):
+        keys = {p[0] for p in options_class.optParameters} | {
+            f[0] for f in getattr(options_class, "optFlags", [])
+        }
+        assert keys - {"config", "help", "version"} <= written[name], name
     options = _supernode(
         "--config", str(_write(tmp_path / "s.yml", examples["supernode.yml"]))
     )

@@ -88,6 +88,8 @@ def test_parse_free_space(text: str, expected: FreeSpace) -> None:
     A minimum of free space is a percentage of the filesystem or a size.
     """
     assert parse_free_space(text) == expected
+    # Written back as a flag (as --help shows the default), it parses the same.
+    assert parse_free_space(str(expected)) == expected
 
 
 @pytest.mark.parametrize("text", ["", "five", "101%", "-5%", "5%%", "10X"])
