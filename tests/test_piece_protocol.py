@@ -840,6 +840,33 @@ def test_client_download_rate_limit_pauses_reading() -> None:
     assert_no_delayed_calls(rig.clock)
 
 
+def test_client_rate_limit_pause_is_not_a_stall() -> None:
+    """
+    A pause for the client's own download limit, however long, does not
+    trip the stall watchdog; once reading resumes, the watchdog runs again.
+    """
+    rig = client_rig(stall_timeout=2.0)
+    rig.greet()
+    bucket = TokenBucket(10, rig.clock)
+    d = rig.protocol.request(TASK, 0, 100, [bucket])
+    rig.protocol.dataReceived(frames(wire.PieceHeader(1, 0, 100)) + b"a" * 60)
+    assert rig.transport.producerState == "paused"
+    # 60 bytes at 10 B/s: a pause of several stall timeouts.
+    rig.clock.advance(4.0)
+    assert not d.called
+    assert rig.transport.producerState == "paused"
+    deadline = 60
+    while rig.transport.producerState == "paused" and deadline:
+        rig.clock.advance(0.5)
+        deadline -= 1
+    assert rig.transport.producerState == "producing"
+    assert not d.called
+    rig.clock.advance(2.0)
+    assert "no data for 2s" in str(failure_of(d, PieceRequestError).value)
+    rig.lose()
+    assert_no_delayed_calls(rig.clock)
+
+
 def test_client_connection_lost_fails_outstanding_and_cancels_resume() -> None:
     """
     Losing the connection fails every outstanding request, cancels a pending
