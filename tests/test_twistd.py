@@ -5,6 +5,7 @@ stop under C{twistd -n}.
 """
 
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -268,3 +269,45 @@ def _assert_free(ip: str, port: int) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((ip, port))
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize(
+    ("daemon", "taken"),
+    [
+        ("supernode", "--port"),
+        ("supernode", "--download-port"),
+        ("dfpeer", "--port"),
+        ("dfpeer", "--peer-port"),
+    ],
+)
+def test_a_port_in_use_fails_the_start(tmp_path: Path, daemon: str, taken: str) -> None:
+    """
+    A daemon that cannot listen on one of its ports exits at once with
+    status 1 and the error, instead of running on without that port (which
+    a service manager would report as healthy).
+    """
+    ip = "127.0.0.1"
+    ports = {
+        "supernode": ["--port", "--download-port"],
+        "dfpeer": ["--port", "--peer-port"],
+    }[daemon]
+    args = [daemon, "--config="]
+    if daemon == "supernode":
+        args += ["--advertise-ip", ip, "--listen-ip", ip]
+    else:
+        args += ["--ip", ip, "--listen-ip", ip, "--node", f"{ip}:{free_port()}"]
+    args += ["--home", str(tmp_path / "home")]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind((ip, 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        for flag in ports:
+            args += [flag, str(busy_port if flag == taken else free_port())]
+        started = time.monotonic()
+        result = _twistd(["-n", "--pidfile=", *args], tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert time.monotonic() - started < 20
+    output = result.stdout + result.stderr
+    assert f"Couldn't listen on {ip}:{busy_port}" in output
+    assert "Address already in use" in output

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
@@ -36,6 +36,7 @@ from dragonfly.peer.node import PeerConfig, PeerNode
 from dragonfly.peer.supernode_client import (
     parse_nodes,
 )
+from dragonfly.services import RequiredPort
 from dragonfly.tasks import InvalidRequest, check_url
 from dragonfly.tls import TLSConfig, TLSConfigError
 
@@ -193,26 +194,40 @@ class _PeerService(Service):
         self.node = node
         self.collector = collector
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # A peer that cannot serve would still be advertised to the swarm:
+        # its piece port is required, as the HTTP port is (RequiredPort).
+        # Listening on a TCP or TLS endpoint is done by the time listen()
+        # returns, so an error fails the start here and twistd exits 1.
+        listening = Deferred.fromCoroutine(self.node.listen())
+        if not listening.called:
+            # Not an endpoint that listens at once: a late error stops the
+            # daemon instead (with status 0, twistd has no other).
+            listening.addCallbacks(self._serving, self._cannot_serve)
+            return
+        failed: list[Failure] = []
+        listening.addCallbacks(self._serving, failed.append)
+        if failed:
+            failed[0].raiseException()
+
+    def _cannot_serve(self, failure: Failure) -> None:
+        self._log.failure("cannot serve pieces; stopping", failure)
+        reactor = self.node.reactor
+        reactor.callWhenRunning(reactor.stop)
+
+    def _serving(self, _: object) -> None:
+        self._log.info(
+            "dfpeer {peer_id} serving pieces at {address}",
+            peer_id=self.node.peer_id,
+            address=self.node.address,
+        )
+
     def startService(self) -> None:
         super().startService()
         # At once, not after the first heartbeat: reclaims what earlier
         # processes left (on the store's threads).
         self.collector.collect()
-        d = Deferred.fromCoroutine(self.node.listen())
-        d.addCallbacks(
-            lambda _: self._log.info(
-                "dfpeer {peer_id} serving pieces at {address}",
-                peer_id=self.node.peer_id,
-                address=self.node.address,
-            ),
-            self._cannot_serve,
-        )
-
-    def _cannot_serve(self, failure: Failure) -> None:
-        # A peer that cannot serve would still be advertised to the swarm:
-        # stop, as dfget exits, rather than run half-working.
-        self._log.failure("cannot serve pieces; stopping", failure)
-        self.node.reactor.stop()
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
@@ -286,7 +301,7 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, PeerNode]
             mirror_tls.server_options(),
             interface=options["listen-ip"],
         )
-    StreamServerEndpointService(http_port, site).setServiceParent(top)
+    RequiredPort(http_port, site).setServiceParent(top)
     housekeeping = TimerService(20.0, peer.housekeeping)
     housekeeping.clock = reactor
     housekeeping.setServiceParent(top)

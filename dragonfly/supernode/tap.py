@@ -5,7 +5,7 @@ C{twistd supernode}: options and service composition.
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.python import usage
@@ -27,6 +27,7 @@ from dragonfly.options import (
     tls_from_options,
 )
 from dragonfly.piece_protocol import Identity, PieceServerFactory
+from dragonfly.services import RequiredPort
 from dragonfly.supernode.api import root
 from dragonfly.supernode.scheduler import Limits
 from dragonfly.supernode.service import Settings, Supernode
@@ -201,11 +202,11 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
     supernode.metrics.watch_piece_server(lambda: pieces.stats)
     top = MultiService()
     listen_ip = options["listen-ip"]
-    StreamServerEndpointService(
+    RequiredPort(
         _listen(reactor, options["port"], listen_ip, tls),
         DaemonSite(root(supernode), options["http-timeout"]),
     ).setServiceParent(top)
-    StreamServerEndpointService(
+    RequiredPort(
         _listen(reactor, options["download-port"], listen_ip, tls), pieces
     ).setServiceParent(top)
     housekeeping = TimerService(10.0, supernode.collect)
