@@ -44,7 +44,7 @@ from dragonfly.peer.supernode_client import Node, SupernodeClient
 from dragonfly.piece_protocol import Identity, PieceClientPool
 from dragonfly.store import PieceStore
 from dragonfly.supernode.service import Settings, Supernode
-from dragonfly.supernode.state import InMemorySwarmState, Swarm, TaskInfo
+from dragonfly.supernode.state import InMemorySwarmState, PeerInfo, Swarm, TaskInfo
 
 KIB = 1 << 10
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -368,8 +368,8 @@ async def test_supernode_gc_frees_space_sparing_tasks_in_memory(
 ) -> None:
     """
     The supernode evicts cached files, least recently used first, while its
-    filesystem is short of free space, never the file of a task it still
-    has in memory; the trash is emptied and the cache size measured.
+    filesystem is short of free space, never the file of a task whose
+    swarm has a peer; the trash is emptied and the cache size measured.
     """
     space = DiskSpace(free=0, total=100 * MIB)
     supernode = Supernode(
@@ -386,7 +386,9 @@ async def test_supernode_gc_frees_space_sparing_tasks_in_memory(
         task_id: cached(tmp_path, task_id, size, 1_600_000_000 + n)
         for n, task_id in enumerate([active, "b" * 64, "c" * 64, "d" * 64, "e" * 64])
     }
-    await supernode.state.put(Swarm(TaskInfo(active, "http://127.0.0.1/a", size)))
+    swarm = Swarm(TaskInfo(active, "http://127.0.0.1/a", size))
+    swarm.peers["peer-1"] = PeerInfo("peer-1", "127.0.0.2:65002")
+    await supernode.state.put(swarm)
     await supernode.collect_garbage()
     exists = {task_id[0]: path.exists() for task_id, path in paths.items()}
     assert exists == {"a": True, "b": False, "c": False, "d": False, "e": True}

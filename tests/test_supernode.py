@@ -1671,6 +1671,50 @@ async def test_collect_evicts_least_recently_used_cache_beyond_limit(
 
 
 @pytest_twisted.ensureDeferred
+async def test_cache_limit_also_evicts_tasks_in_memory_nobody_uses(
+    source: Source, make_supernode: Callable[..., Supernode]
+) -> None:
+    """
+    Over the cap, tasks still in memory (not yet expired) lose their cache
+    too, least recently accessed first, when their swarm is empty; a task
+    with a peer, or with a piece being served, keeps it.  A task evicted
+    this way is forgotten and fetched again when asked for.
+    """
+    size = 4 * PIECE  # 1 MiB each
+    supernode = make_supernode(task_expire=3600.0)
+    ids = []
+    for n in range(4):
+        task_id, _ = await _done_task(source, supernode, f"mem{n}.bin", size, peers=1)
+        await wait_ended(supernode, task_id)
+        ids.append(task_id)
+    peopled, served, oldest, newer = ids
+    for task_id in (served, oldest, newer):
+        await supernode.leave(task_id, "peer-1")
+    now = reactor.seconds()
+    for age, task_id in ((400, peopled), (300, served), (200, oldest), (100, newer)):
+        swarm = await supernode.state.get(task_id)
+        assert swarm is not None
+        swarm.task.last_access = now - age
+    reader = supernode.store.open_piece(served, 0)
+    supernode.settings.cache_limit = int(1.5 * MIB)
+    await supernode.collect()
+    # Still over the cap with two files: what is in use cannot go.
+    exists = {t: supernode.store.path_for(t).exists() for t in ids}
+    assert exists == {peopled: True, served: True, oldest: False, newer: False}
+    assert sorted(await supernode.state.task_ids()) == sorted([peopled, served])
+    reader.close()
+    await supernode.collect()
+    assert not supernode.store.path_for(served).exists()
+    assert await supernode.state.task_ids() == [peopled]
+    assert supernode.store.path_for(peopled).exists()
+
+    reply = await bounded(supernode.register(registration(source.url("mem2.bin"))))
+    assert reply["task_id"] == oldest
+    await wait_status(supernode, oldest, TaskStatus.DONE)
+    assert len(source.requests("mem2.bin")) == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_collect_without_cache_limit_evicts_nothing(
     source: Source, make_supernode: Callable[..., Supernode]
 ) -> None:

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from dragonfly.gc import DiskSpace, Entry, FreeSpace, Watermarks, choose, disk_space
 from dragonfly.metrics import SupernodeMetrics
-from dragonfly.store import DEFAULT_MAX_OPEN_FILES, PieceStore
+from dragonfly.store import DEFAULT_MAX_OPEN_FILES, PieceStore, TaskFile
 from dragonfly.supernode import scheduler
 from dragonfly.supernode.cdn import CdnFetch, ContentMismatch, SourceError
 from dragonfly.supernode.state import (
@@ -627,11 +627,8 @@ class Supernode:
                     reason="expired",
                 )
                 self.metrics.evictions.record("expired", 0)
-                await self.state.drop(task_id)
-                self.transfers.forget(task_id)
-                task_file = self.store.tasks.pop(task_id, None)
+                task_file = await self._forget(task_id)
                 if task_file is not None:
-                    task_file.close()
                     # The data file's mtime records the last use, for the
                     # least-recently-used eviction below.
                     await self.store.in_thread(_touch, task_file.path)
@@ -641,6 +638,32 @@ class Supernode:
                 self._changed(task_id)
         await self._count_swarms()
         await self.collect_garbage()
+
+    async def _forget(self, task_id: str) -> TaskFile | None:
+        """
+        Take a task out of memory and close its file (which stays on disk);
+        returns that file, if it was open.
+        """
+        await self.state.drop(task_id)
+        self.transfers.forget(task_id)
+        task_file = self.store.tasks.pop(task_id, None)
+        if task_file is not None:
+            task_file.close()
+        return task_file
+
+    def _unused(self, swarm: Swarm) -> bool:
+        """
+        Whether a task in memory can lose its cache now: no peer in its
+        swarm (nobody downloads it, nobody will ask for its pieces), no
+        fetch from its source, no piece of it being served.
+        """
+        task_id = swarm.task.task_id
+        task_file = self.store.tasks.get(task_id)
+        return (
+            not swarm.peers
+            and task_id not in self._fetches
+            and not (task_file is not None and task_file.readers)
+        )
 
     def _swarms_changed(self) -> None:
         """
@@ -700,15 +723,30 @@ class Supernode:
         # Decided here, on the reactor thread, against what is in memory
         # now: a task registered while the disk was measured is kept.
         active = set(await self.state.task_ids())
+        # Tasks in memory whose swarm is empty may go too, by their last
+        # access: otherwise a burst of downloads within --task-expire would
+        # keep the cache over its cap until they expire.
+        unused: dict[str, float] = {}
+        for task_id in active:
+            swarm = await self.state.get(task_id)
+            if swarm is not None and self._unused(swarm):
+                unused[task_id] = swarm.task.last_access
         entries = [
-            Entry(task_id, size, mtime)
+            Entry(task_id, size, unused.get(task_id, mtime))
             for task_id, size, mtime in files
-            if task_id not in active
+            if task_id not in active or task_id in unused
         ]
         trash = directory / ".trash"
         moved = False
         for entry, reason in choose(entries, used, space, marks):
             task_id = entry.task_id
+            if task_id in unused:
+                # Checked again: a peer may have joined since.
+                swarm = await self.state.get(task_id)
+                if swarm is not None:
+                    if not self._unused(swarm):
+                        continue
+                    await self._forget(task_id)
             if task_id in self._fetches or task_id in self.store.tasks:
                 continue
             # A rename is one quick metadata operation: done here, it takes
