@@ -251,26 +251,26 @@ def test_a_trickled_body_is_cut_off_at_the_request_deadline() -> None:
     sizes = _Sizes()
     site = DaemonSite(sizes, 5.0)
 
-    channel, transport = _connect(site, clock)
-    channel.dataReceived(
-        b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n"
-    )
-    for _ in range(4):
-        clock.advance(1.0)
-        channel.dataReceived(b"t")
+    def trickle(length: int) -> tuple[Any, StringTransport]:
+        # Headers declaring C{length} bytes, then a byte a second, 4 times.
+        channel, transport = _connect(site, clock)
+        channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+            % length
+        )
+        for _ in range(4):
+            clock.advance(1.0)
+            channel.dataReceived(b"t")
+        return channel, transport
+
+    channel, transport = trickle(100)
     assert not transport.disconnecting
     clock.advance(1.0)
     assert transport.disconnecting
     channel.connectionLost(None)
     assert sizes.sizes == []
 
-    channel, transport = _connect(site, clock)
-    channel.dataReceived(
-        b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\n"
-    )
-    for _ in range(4):
-        clock.advance(1.0)
-        channel.dataReceived(b"t")
+    channel, transport = trickle(4)
     assert transport.value().startswith(b"HTTP/1.1 200")
     clock.advance(4.9)
     assert not transport.disconnecting

@@ -1615,6 +1615,21 @@ async def test_collect_keeps_recent_and_peopled_tasks(
     assert await supernode.state.get(task_id) is not None
 
 
+async def _ended_tasks(
+    source: Source, supernode: Supernode, prefix: str, count: int, size: int
+) -> list[str]:
+    """
+    C{count} tasks of C{size} bytes, each fetched whole for one peer
+    ("peer-1", still in the swarm), named C{<prefix><n>.bin}.
+    """
+    ids = []
+    for n in range(count):
+        task_id, _ = await _done_task(source, supernode, f"{prefix}{n}.bin", size, 1)
+        await wait_ended(supernode, task_id)
+        ids.append(task_id)
+    return ids
+
+
 @pytest_twisted.ensureDeferred
 async def test_collect_evicts_least_recently_used_cache_beyond_limit(
     source: Source, make_supernode: Callable[..., Supernode]
@@ -1623,15 +1638,11 @@ async def test_collect_evicts_least_recently_used_cache_beyond_limit(
     With cache_limit set, collect() deletes the least recently used cached
     files (data and meta; last use is the data file's mtime, set when the
     task leaves memory) of tasks no longer in memory until the cache is under
-    the limit, and never a task still in memory, even the oldest.
+    the limit, and never a task with a peer in its swarm, even the oldest.
     """
     size = 4 * PIECE  # 1 MiB each
     supernode = make_supernode(task_expire=60.0)
-    ids = []
-    for n in range(4):
-        task_id, _ = await _done_task(source, supernode, f"lru{n}.bin", size, peers=1)
-        await wait_ended(supernode, task_id)
-        ids.append(task_id)
+    ids = await _ended_tasks(source, supernode, "lru", 4, size)
     active = ids[3]
     before = supernode.store.path_for(active).stat().st_mtime
     for task_id in ids[:3]:
@@ -1682,11 +1693,7 @@ async def test_cache_limit_also_evicts_tasks_in_memory_nobody_uses(
     """
     size = 4 * PIECE  # 1 MiB each
     supernode = make_supernode(task_expire=3600.0)
-    ids = []
-    for n in range(4):
-        task_id, _ = await _done_task(source, supernode, f"mem{n}.bin", size, peers=1)
-        await wait_ended(supernode, task_id)
-        ids.append(task_id)
+    ids = await _ended_tasks(source, supernode, "mem", 4, size)
     peopled, served, oldest, newer = ids
     for task_id in (served, oldest, newer):
         await supernode.leave(task_id, "peer-1")
