@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IProtocolFactory,
     IPullProducer,
     IReactorTime,
 )
@@ -761,15 +762,13 @@ class PieceClientPool:
             port = int(port_text)
         except ValueError:
             raise PieceRequestError(f"bad node address {address!r}") from None
-        endpoint: Any = endpoints.TCP4ClientEndpoint(
+        endpoint = endpoints.TCP4ClientEndpoint(
             self._reactor,
             host,
             port,
             timeout=self._connect_timeout,
             bindAddress=(self._bind_ip, 0) if self._bind_ip else None,
         )
-        if self._tls is not None:
-            endpoint = endpoints.wrapClientTLS(self._tls.client_options(host), endpoint)
 
         def forget(lost: PieceClientProtocol) -> None:
             if self._connected.get(address) is lost:
@@ -782,7 +781,10 @@ class PieceClientPool:
             on_lost=forget,
             on_data=self._count,
         )
-        connecting = endpoint.connect(_OneConnection(protocol))
+        factory: IProtocolFactory = _OneConnection(protocol)
+        if self._tls is not None:
+            factory = self._tls.wrap_client(host, factory, self._reactor)
+        connecting = endpoint.connect(factory)
         connecting.addTimeout(self._connect_timeout, self._reactor)
         await connecting
         await protocol.ready

@@ -40,7 +40,6 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump, connectedServerAndClient
 
@@ -54,7 +53,7 @@ from dragonfly.piece_protocol import (
     PieceServerProtocol,
 )
 from dragonfly.ratelimit import TokenBucket
-from dragonfly.tls import TLSConfig
+from dragonfly.tls import BulkTLSFactory, TLSConfig
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 65001)
 BIG = 2 * CHUNK_SIZE + CHUNK_SIZE // 2  # three chunks, the last one short
@@ -949,12 +948,11 @@ def connect_pair(
     client = PieceClientProtocol(CLIENT_IDENTITY, clock, **(client_options or {}))
     server_factory: Factory = factory
     client_factory: Factory = _Given(client)
+    # TLS as the daemons run it: dragonfly.tls.BulkTLSTransport.
     if server_tls is not None:
-        server_factory = TLSMemoryBIOFactory(server_tls, False, factory, clock=clock)
+        server_factory = BulkTLSFactory(server_tls, False, factory, clock=clock)
     if client_tls is not None:
-        client_factory = TLSMemoryBIOFactory(
-            client_tls, True, client_factory, clock=clock
-        )
+        client_factory = BulkTLSFactory(client_tls, True, client_factory, clock=clock)
     _, s, pump = connectedServerAndClient(
         lambda: server_factory.buildProtocol(ADDRESS),
         lambda: client_factory.buildProtocol(ADDRESS),
