@@ -65,6 +65,21 @@ def _read(path: str, what: str) -> bytes:
         raise TLSConfigError(f"cannot read {what} {path!r}: {e.strerror}") from e
 
 
+def _own_certificate(identity: ssl.PrivateCertificate) -> dict[str, Any]:
+    """
+    The C{privateKey} and C{certificate} arguments of L{ssl.CertificateOptions}
+    for C{identity}, as C{cryptography} objects.
+
+    Twisted passes them on to pyOpenSSL, which deprecated its own key and
+    certificate types there (a warning per context); Twisted's annotations
+    still name the old types, hence the untyped dictionary.
+    """
+    return {
+        "privateKey": identity.privateKey.original.to_cryptography_key(),
+        "certificate": identity.original.to_cryptography(),
+    }
+
+
 @dataclass(frozen=True)
 class TLSConfig:
     """
@@ -114,13 +129,11 @@ class TLSConfig:
         Options for a listening port; with a CA, client certificates are
         required and checked.
         """
-        key = self.identity.privateKey.original
-        cert = self.identity.original
+        own = _own_certificate(self.identity)
         if self.authority is None:
-            return ssl.CertificateOptions(privateKey=key, certificate=cert)
+            return ssl.CertificateOptions(**own)
         return ssl.CertificateOptions(
-            privateKey=key,
-            certificate=cert,
+            **own,
             verify=True,
             caCerts=[self.authority.original],
             requireCertificate=True,
@@ -133,7 +146,9 @@ class TLSConfig:
         if self.authority is None:
             return _UnverifiedClientOptions(self.identity)
         return ssl.optionsForClientTLS(
-            host, trustRoot=self.authority, clientCertificate=self.identity
+            host,
+            trustRoot=self.authority,
+            extraCertificateOptions=_own_certificate(self.identity),
         )
 
     def wrap_server(
@@ -257,9 +272,7 @@ class _UnverifiedClientOptions:
 
     def __init__(self, identity: ssl.PrivateCertificate) -> None:
         self._options = ssl.CertificateOptions(
-            privateKey=identity.privateKey.original,
-            certificate=identity.original,
-            verify=False,
+            **_own_certificate(identity), verify=False
         )
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:

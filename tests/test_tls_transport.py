@@ -1,5 +1,6 @@
 """
-L{dragonfly.tls.BulkTLSTransport}, mutual TLS in memory through iosim: a
+L{dragonfly.tls}: the TLS contexts it builds, and L{BulkTLSTransport},
+mutual TLS in memory through iosim: a
 large write reaches TCP as one write and the other side's protocol as one
 call (Twisted's own transport makes both 16 KiB at a time), batches stay
 bounded, and the order of data, close and abort is Twisted's.
@@ -8,17 +9,19 @@ The transport overrides private methods of Twisted's TLS protocol; these
 tests are what fails if a Twisted upgrade renames them or stops calling them.
 """
 
+import warnings
 from typing import Any
 
 from helpers import piece_bytes, tls_pki
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
-from dragonfly.tls import RECEIVE_BATCH, SEND_BATCH, BulkTLSTransport
+from dragonfly.tls import RECEIVE_BATCH, SEND_BATCH, BulkTLSTransport, TLSConfig
 
 MIB = 1024 * 1024
 RECORD = 2**14
@@ -87,6 +90,30 @@ def connect(
     assert isinstance(tls_server, BulkTLSTransport)
     assert server.transport is tls_server
     return tls_server, pump, clock
+
+
+def test_contexts_are_built_without_deprecated_pyopenssl_objects() -> None:
+    """
+    Server and client contexts, with a CA and without, give this side's key
+    and certificate to pyOpenSSL as C{cryptography} objects: building them
+    raises no deprecation warning (pyOpenSSL warns for its own types).
+    """
+    pki = tls_pki()
+    unverified = TLSConfig(pki.server.identity, None)
+    clock = Clock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for config in (pki.server, unverified):
+            for factory in (
+                config.wrap_server(Factory.forProtocol(Protocol), clock),
+                config.wrap_client("127.0.0.1", Factory.forProtocol(Protocol), clock),
+            ):
+                tls = factory.buildProtocol(None)
+                assert tls is not None
+                transport = StringTransport()
+                tls.makeConnection(transport)
+                tls.abortConnection()
+                assert transport.disconnecting
 
 
 def test_daemons_wrap_connections_in_the_bulk_transport() -> None:
