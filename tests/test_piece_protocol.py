@@ -46,6 +46,7 @@ from twisted.test.iosim import ConnectionCompleter, IOPump, connectedServerAndCl
 from dragonfly import wire
 from dragonfly.piece_protocol import (
     CHUNK_SIZE,
+    PieceBuffers,
     PieceClientPool,
     PieceClientProtocol,
     PieceRequestError,
@@ -978,6 +979,63 @@ def test_fetch_returns_exactly_the_bytes() -> None:
     pair.close()
     assert pair.factory.connections == set()
     assert_no_delayed_calls(pair.clock)
+
+
+def test_a_given_back_buffer_receives_a_later_piece_over_its_old_bytes() -> None:
+    """
+    A buffer given back is reused for the next piece of its size: that
+    piece arrives in the same object, every old byte overwritten, with the
+    new piece's own sha256; a piece of another size gets a new buffer.
+    """
+    buffers = PieceBuffers()
+    pair = connect_pair(client_options={"buffers": buffers})
+    first = pair.source.add(TASK, 0, piece_bytes(0, BIG))
+    second = pair.source.add(TASK, 1, piece_bytes(1, BIG))
+    other = pair.source.add(TASK, 2, piece_bytes(2, BIG - 1))
+    d = pair.client.request(TASK, 0, BIG)
+    pair.pump.flush()
+    received = result_of(d)
+    assert received == first
+    buffers.give_back(received)
+    assert buffers.kept == BIG
+    d = pair.client.request(TASK, 1, BIG)
+    pair.pump.flush()
+    again = result_of(d)
+    assert again is received
+    assert again == second
+    assert again.sha256 == hashlib.sha256(second).hexdigest()
+    assert buffers.kept == 0
+    buffers.give_back(again)
+    d = pair.client.request(TASK, 2, BIG - 1)
+    pair.pump.flush()
+    assert result_of(d) == other
+    assert buffers.kept == BIG
+    pair.close()
+    assert_no_delayed_calls(pair.clock)
+
+
+def test_piece_buffers_keep_at_most_their_limit_and_each_buffer_once() -> None:
+    """
+    Buffers are kept up to the byte limit, a buffer given back twice is
+    kept once (it must never go to two requests), a size not kept is
+    allocated, and clearing drops everything.
+    """
+    buffers = PieceBuffers(limit=250)
+    a, b, c = buffers.take(100), buffers.take(100), buffers.take(100)
+    assert len(a) == 100 and a is not b
+    buffers.give_back(a)
+    buffers.give_back(a)
+    buffers.give_back(b)
+    buffers.give_back(c)  # over the limit: dropped
+    assert buffers.kept == 200
+    assert buffers.take(50) not in (a, b)
+    taken = {id(buffers.take(100)), id(buffers.take(100))}
+    assert taken == {id(a), id(b)}
+    assert buffers.kept == 0
+    buffers.give_back(c)
+    buffers.clear()
+    assert buffers.kept == 0
+    assert buffers.take(100) is not c
 
 
 def test_pipelined_requests_come_back_in_order() -> None:
