@@ -28,6 +28,14 @@ The socket is read in L{RECEIVE_SIZE} reads rather than Twisted's 64 KiB: at
 loopback speed the per-read overhead (a poll, a system call, a protocol
 callback) was a fifth of the receiving thread.
 
+The buffers come from L{PieceBuffers}: the caller gives a piece's buffer
+back once it has written it, and a later piece of the same size is received
+into it.  A fresh buffer of several MiB costs more than the copy into it
+(the allocator zeroes it, and the kernel maps and zeroes its pages first,
+then unmaps them when it is freed); with the buffers reused, a bare client
+verifying and writing 1 GiB over TLS went from 477 to 575 MiB/s (means of
+two runs of three each) on this project's 2-core benchmark machine.
+
 While requests are outstanding a no-progress watchdog fails them all if no
 byte arrives for the stall timeout, so that the caller can ask another node.
 """
@@ -43,6 +51,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IProtocolFactory,
     IPullProducer,
     IReactorTime,
 )
@@ -421,6 +430,59 @@ class ReceivedPiece(bytearray):
     sha256: str = hashlib.sha256(b"").hexdigest()
 
 
+class PieceBuffers:
+    """
+    Piece buffers given back after use, kept to receive later pieces of the
+    same size in: at most C{limit} bytes of them.
+
+    A buffer handed out again still holds its old bytes; a request completes
+    only once every byte of the new piece has been written over them (a
+    request that fails part-way drops its buffer).
+    """
+
+    def __init__(self, limit: int = 32 * 1024 * 1024) -> None:
+        self.limit = limit
+        self._free: list[ReceivedPiece] = []
+        self._size = 0
+
+    @property
+    def kept(self) -> int:
+        """
+        Bytes of buffers kept for reuse.
+        """
+        return self._size
+
+    def take(self, length: int) -> ReceivedPiece:
+        """
+        A buffer of exactly C{length} bytes: a kept one if there is one.
+        """
+        for index, buffer in enumerate(self._free):
+            if len(buffer) == length:
+                del self._free[index]
+                self._size -= length
+                return buffer
+        return ReceivedPiece(length)
+
+    def give_back(self, buffer: ReceivedPiece) -> None:
+        """
+        Keep C{buffer} for a later piece, if there is room.  Only for a
+        buffer nothing else will read or write any more.
+        """
+        if self._size + len(buffer) > self.limit or any(
+            kept is buffer for kept in self._free
+        ):
+            return
+        self._free.append(buffer)
+        self._size += len(buffer)
+
+    def clear(self) -> None:
+        """
+        Drop every kept buffer (when no download is running).
+        """
+        self._free.clear()
+        self._size = 0
+
+
 @dataclass
 class _Request:
     deferred: "Deferred[ReceivedPiece]"
@@ -449,8 +511,10 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         idle_timeout: float = 30.0,
         on_lost: Callable[["PieceClientProtocol"], None] | None = None,
         on_data: Callable[[int], None] | None = None,
+        buffers: PieceBuffers | None = None,
     ) -> None:
         self.identity = identity
+        self._buffers = buffers if buffers is not None else PieceBuffers(limit=0)
         self._on_lost = on_lost
         self._on_data = on_data
         self.ready: Deferred[wire.Hello] = Deferred()
@@ -582,7 +646,7 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
                     )
                 request.started = True
                 if not request.discard:
-                    request.buffer = ReceivedPiece(length)
+                    request.buffer = self._buffers.take(length)
                     request.digest = hashlib.sha256()
             case wire.PayloadChunk(request_id, data):
                 request = self._expect(request_id)
@@ -694,6 +758,7 @@ class PieceClientPool:
         self._stall_timeout = stall_timeout
         self._connected: dict[str, PieceClientProtocol] = {}
         self._waiting: dict[str, list[Deferred[PieceClientProtocol]]] = {}
+        self.buffers = PieceBuffers()
 
     def fetch(
         self,
@@ -761,15 +826,13 @@ class PieceClientPool:
             port = int(port_text)
         except ValueError:
             raise PieceRequestError(f"bad node address {address!r}") from None
-        endpoint: Any = endpoints.TCP4ClientEndpoint(
+        endpoint = endpoints.TCP4ClientEndpoint(
             self._reactor,
             host,
             port,
             timeout=self._connect_timeout,
             bindAddress=(self._bind_ip, 0) if self._bind_ip else None,
         )
-        if self._tls is not None:
-            endpoint = endpoints.wrapClientTLS(self._tls.client_options(host), endpoint)
 
         def forget(lost: PieceClientProtocol) -> None:
             if self._connected.get(address) is lost:
@@ -781,12 +844,23 @@ class PieceClientPool:
             stall_timeout=self._stall_timeout,
             on_lost=forget,
             on_data=self._count,
+            buffers=self.buffers,
         )
-        connecting = endpoint.connect(_OneConnection(protocol))
+        factory: IProtocolFactory = _OneConnection(protocol)
+        if self._tls is not None:
+            factory = self._tls.wrap_client(host, factory, self._reactor)
+        connecting = endpoint.connect(factory)
         connecting.addTimeout(self._connect_timeout, self._reactor)
         await connecting
         await protocol.ready
         return protocol
+
+    def give_back(self, piece: ReceivedPiece) -> None:
+        """
+        Return a fetched piece's buffer, once it has been written and
+        nothing holds it any more, to receive a later piece in.
+        """
+        self.buffers.give_back(piece)
 
     def _count(self, size: int) -> None:
         self.bytes_received += size

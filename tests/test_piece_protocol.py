@@ -40,13 +40,13 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump, connectedServerAndClient
 
 from dragonfly import wire
 from dragonfly.piece_protocol import (
     CHUNK_SIZE,
+    PieceBuffers,
     PieceClientPool,
     PieceClientProtocol,
     PieceRequestError,
@@ -54,7 +54,7 @@ from dragonfly.piece_protocol import (
     PieceServerProtocol,
 )
 from dragonfly.ratelimit import TokenBucket
-from dragonfly.tls import TLSConfig
+from dragonfly.tls import BulkTLSFactory, TLSConfig
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 65001)
 BIG = 2 * CHUNK_SIZE + CHUNK_SIZE // 2  # three chunks, the last one short
@@ -976,12 +976,11 @@ def connect_pair(
     client = PieceClientProtocol(CLIENT_IDENTITY, clock, **(client_options or {}))
     server_factory: Factory = factory
     client_factory: Factory = _Given(client)
+    # TLS as the daemons run it: dragonfly.tls.BulkTLSTransport.
     if server_tls is not None:
-        server_factory = TLSMemoryBIOFactory(server_tls, False, factory, clock=clock)
+        server_factory = BulkTLSFactory(server_tls, False, factory, clock=clock)
     if client_tls is not None:
-        client_factory = TLSMemoryBIOFactory(
-            client_tls, True, client_factory, clock=clock
-        )
+        client_factory = BulkTLSFactory(client_tls, True, client_factory, clock=clock)
     _, s, pump = connectedServerAndClient(
         lambda: server_factory.buildProtocol(ADDRESS),
         lambda: client_factory.buildProtocol(ADDRESS),
@@ -1007,6 +1006,63 @@ def test_fetch_returns_exactly_the_bytes() -> None:
     pair.close()
     assert pair.factory.connections == set()
     assert_no_delayed_calls(pair.clock)
+
+
+def test_a_given_back_buffer_receives_a_later_piece_over_its_old_bytes() -> None:
+    """
+    A buffer given back is reused for the next piece of its size: that
+    piece arrives in the same object, every old byte overwritten, with the
+    new piece's own sha256; a piece of another size gets a new buffer.
+    """
+    buffers = PieceBuffers()
+    pair = connect_pair(client_options={"buffers": buffers})
+    first = pair.source.add(TASK, 0, piece_bytes(0, BIG))
+    second = pair.source.add(TASK, 1, piece_bytes(1, BIG))
+    other = pair.source.add(TASK, 2, piece_bytes(2, BIG - 1))
+    d = pair.client.request(TASK, 0, BIG)
+    pair.pump.flush()
+    received = result_of(d)
+    assert received == first
+    buffers.give_back(received)
+    assert buffers.kept == BIG
+    d = pair.client.request(TASK, 1, BIG)
+    pair.pump.flush()
+    again = result_of(d)
+    assert again is received
+    assert again == second
+    assert again.sha256 == hashlib.sha256(second).hexdigest()
+    assert buffers.kept == 0
+    buffers.give_back(again)
+    d = pair.client.request(TASK, 2, BIG - 1)
+    pair.pump.flush()
+    assert result_of(d) == other
+    assert buffers.kept == BIG
+    pair.close()
+    assert_no_delayed_calls(pair.clock)
+
+
+def test_piece_buffers_keep_at_most_their_limit_and_each_buffer_once() -> None:
+    """
+    Buffers are kept up to the byte limit, a buffer given back twice is
+    kept once (it must never go to two requests), a size not kept is
+    allocated, and clearing drops everything.
+    """
+    buffers = PieceBuffers(limit=250)
+    a, b, c = buffers.take(100), buffers.take(100), buffers.take(100)
+    assert len(a) == 100 and a is not b
+    buffers.give_back(a)
+    buffers.give_back(a)
+    buffers.give_back(b)
+    buffers.give_back(c)  # over the limit: dropped
+    assert buffers.kept == 200
+    assert buffers.take(50) not in (a, b)
+    taken = {id(buffers.take(100)), id(buffers.take(100))}
+    assert taken == {id(a), id(b)}
+    assert buffers.kept == 0
+    buffers.give_back(c)
+    buffers.clear()
+    assert buffers.kept == 0
+    assert buffers.take(100) is not c
 
 
 def test_pipelined_requests_come_back_in_order() -> None:

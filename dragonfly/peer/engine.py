@@ -239,6 +239,8 @@ class PeerEngine:
 
         def done(result: object) -> object:
             self.downloading.pop(task_id, None)
+            if not self.downloading:
+                self.pieces.buffers.clear()
             if isinstance(result, Failure) and result.check(DeferredTimeout):
                 result = Failure(
                     DownloadError("timeout", f"download took over {request.timeout:g}s")
@@ -683,6 +685,9 @@ class _Download:
                 assignment["sha256"],
                 data.sha256,
             )
+            # Written, and the thread is done with it: a later piece is
+            # received into the same buffer.
+            self.engine.pieces.give_back(data)
             del data
         except CancelledError:
             raise

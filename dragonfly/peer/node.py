@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import ILogObserver
 
 from dragonfly.http import http_client
@@ -112,19 +112,13 @@ class PeerNode:
         """
         Start serving pieces on C{ip:port} (port 0: any free port).
         """
-        endpoint: Any
-        if self.config.tls is None:
-            endpoint = endpoints.TCP4ServerEndpoint(
-                self.reactor, self.config.port, interface=self.config.ip
-            )
-        else:
-            endpoint = endpoints.SSL4ServerEndpoint(
-                self.reactor,
-                self.config.port,
-                self.config.tls.server_options(),
-                interface=self.config.ip,
-            )
-        self._port = await endpoint.listen(self.server)
+        endpoint = endpoints.TCP4ServerEndpoint(
+            self.reactor, self.config.port, interface=self.config.ip
+        )
+        factory: IProtocolFactory = self.server
+        if self.config.tls is not None:
+            factory = self.config.tls.wrap_server(self.server, self.reactor)
+        self._port = await endpoint.listen(factory)
         # Now the port is known (it may have been 0): say it in HELLOs.
         self.server.identity = self.pool.identity = Identity(self.peer_id, self.address)
 

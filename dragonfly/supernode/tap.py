@@ -206,8 +206,12 @@ def build(options: usage.Options, reactor: Any) -> tuple[MultiService, Supernode
         _listen(reactor, options["port"], listen_ip, tls),
         DaemonSite(root(supernode), options["http-timeout"]),
     ).setServiceParent(top)
+    # The piece port speaks TLS in bulk (dragonfly.tls.BulkTLSTransport).
     RequiredPort(
-        _listen(reactor, options["download-port"], listen_ip, tls), pieces
+        endpoints.TCP4ServerEndpoint(
+            reactor, options["download-port"], interface=listen_ip
+        ),
+        tls.wrap_server(pieces, reactor) if tls is not None else pieces,
     ).setServiceParent(top)
     housekeeping = TimerService(10.0, supernode.collect)
     housekeeping.clock = reactor
