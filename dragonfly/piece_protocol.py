@@ -489,6 +489,7 @@ class _Request:
     piece: int
     length: int
     buckets: list[TokenBucket]
+    on_bytes: Callable[[int], None] | None = None
     buffer: ReceivedPiece = field(default_factory=ReceivedPiece)
     digest: Any = None
     received: int = 0
@@ -510,13 +511,11 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         stall_timeout: float = 15.0,
         idle_timeout: float = 30.0,
         on_lost: Callable[["PieceClientProtocol"], None] | None = None,
-        on_data: Callable[[int], None] | None = None,
         buffers: PieceBuffers | None = None,
     ) -> None:
         self.identity = identity
         self._buffers = buffers if buffers is not None else PieceBuffers(limit=0)
         self._on_lost = on_lost
-        self._on_data = on_data
         self.ready: Deferred[wire.Hello] = Deferred()
         self.remote: wire.Hello | None = None
         self._clock = clock
@@ -562,10 +561,12 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         piece: int,
         length: int,
         buckets: list[TokenBucket] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> "Deferred[ReceivedPiece]":
         """
         Ask for piece C{piece} of C{task_id}, which must be C{length} bytes,
-        receiving it no faster than C{buckets} allow.
+        receiving it no faster than C{buckets} allow; C{on_bytes} is told
+        the size of each part of the piece as it arrives.
 
         Cancelling the result withdraws the request.
         """
@@ -574,7 +575,7 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
         request_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         d: Deferred[ReceivedPiece] = Deferred(lambda _: self._cancel(request_id))
-        self._requests[request_id] = _Request(d, piece, length, buckets or [])
+        self._requests[request_id] = _Request(d, piece, length, buckets or [], on_bytes)
         self.transport.write(  # type: ignore[union-attr]
             wire.encode(wire.GetPiece(request_id, task_id, piece))
         )
@@ -598,8 +599,6 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
             # progress for the stall watchdog.
             self.resetTimeout()
         self.bytes_received += len(data)
-        if self._on_data is not None:
-            self._on_data(len(data))
         try:
             for event in self._decoder.feed(data):
                 self._handle(event)
@@ -655,6 +654,8 @@ class PieceClientProtocol(Protocol, TimeoutMixin):
                     request.buffer[request.received : end] = data
                     request.received = end
                     request.digest.update(data)
+                    if request.on_bytes is not None:
+                        request.on_bytes(len(data))
                 self._delay = max(self._delay, delay_for(request.buckets, len(data)))
             case wire.PayloadEnd(request_id):
                 request = self._requests.pop(request_id)
@@ -751,7 +752,6 @@ class PieceClientPool:
     ) -> None:
         self._reactor = reactor
         self.identity = identity
-        self.bytes_received = 0
         self._bind_ip = bind_ip
         self._tls = tls
         self._connect_timeout = connect_timeout
@@ -767,16 +767,18 @@ class PieceClientPool:
         piece: int,
         length: int,
         buckets: list[TokenBucket] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> "Deferred[ReceivedPiece]":
         """
-        Fetch one piece from the node at C{address} (C{"ip:port"}).
+        Fetch one piece from the node at C{address} (C{"ip:port"}); see
+        L{PieceClientProtocol.request} for C{buckets} and C{on_bytes}.
 
         @return: a Deferred firing with the piece's bytes (and their sha256),
             or failing with
             L{PieceRequestError}; cancelling it withdraws the request.
         """
         return Deferred.fromCoroutine(
-            self._fetch(address, task_id, piece, length, buckets or [])
+            self._fetch(address, task_id, piece, length, buckets or [], on_bytes)
         )
 
     async def _fetch(
@@ -786,9 +788,10 @@ class PieceClientPool:
         piece: int,
         length: int,
         buckets: list[TokenBucket],
+        on_bytes: Callable[[int], None] | None,
     ) -> ReceivedPiece:
         connection = await self._connection(address)
-        return await connection.request(task_id, piece, length, buckets)
+        return await connection.request(task_id, piece, length, buckets, on_bytes)
 
     def _connection(self, address: str) -> "Deferred[PieceClientProtocol]":
         connection = self._connected.get(address)
@@ -843,7 +846,6 @@ class PieceClientPool:
             self._reactor,
             stall_timeout=self._stall_timeout,
             on_lost=forget,
-            on_data=self._count,
             buffers=self.buffers,
         )
         factory: IProtocolFactory = _OneConnection(protocol)
@@ -861,9 +863,6 @@ class PieceClientPool:
         nothing holds it any more, to receive a later piece in.
         """
         self.buffers.give_back(piece)
-
-    def _count(self, size: int) -> None:
-        self.bytes_received += size
 
     def close(self) -> None:
         """

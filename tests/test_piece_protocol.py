@@ -667,6 +667,44 @@ def test_client_receives_piece_across_reads() -> None:
     assert_no_delayed_calls(rig.clock)
 
 
+def test_client_tells_each_request_of_its_own_bytes() -> None:
+    """
+    C{on_bytes} hears of every part of its own piece as it arrives, and of
+    nothing else on the connection (another request's bytes, frames); a
+    withdrawn request's late bytes are not reported.
+    """
+    rig = client_rig()
+    rig.greet()
+    first: list[int] = []
+    second: list[int] = []
+    one, two = piece_bytes(1, 5000), piece_bytes(2, 3000)
+    d1 = rig.protocol.request(TASK, 1, len(one), on_bytes=first.append)
+    d2 = rig.protocol.request(TASK, 2, len(two), on_bytes=second.append)
+    stream = (
+        frames(wire.PieceHeader(1, 1, len(one)))
+        + one
+        + frames(wire.PieceHeader(2, 2, len(two)))
+        + two
+    )
+    for i in range(0, len(stream), 700):
+        rig.protocol.dataReceived(stream[i : i + 700])
+    assert result_of(d1) == one
+    assert result_of(d2) == two
+    assert sum(first) == len(one)
+    assert sum(second) == len(two)
+    assert len(first) > 1
+
+    late: list[int] = []
+    d3 = rig.protocol.request(TASK, 1, len(one), on_bytes=late.append)
+    rig.protocol.dataReceived(frames(wire.PieceHeader(3, 1, len(one))) + one[:100])
+    d3.cancel()
+    failure_of(d3, CancelledError)
+    rig.protocol.dataReceived(one[100:])
+    assert sum(late) == 100
+    rig.lose()
+    assert_no_delayed_calls(rig.clock)
+
+
 def test_client_refusal_carries_error_code() -> None:
     """
     An ERROR for a request fails only that request, with the code and message.

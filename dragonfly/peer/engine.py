@@ -360,6 +360,10 @@ class _Download:
         self.report = _Report()
         self.last_progress = self.started
         self.cached_pieces = 0
+        # Piece bytes received for this download (not for the others of
+        # the process: in a dfpeer, one busy download must not keep a stuck
+        # one's watchdog quiet), and their count at the last progress.
+        self.bytes_arrived = 0
         self.bytes_seen = 0
         self.from_source = False
         self.source_offset = 0
@@ -642,7 +646,7 @@ class _Download:
             self.file_sha256 = reply.get("file_sha256") or ""
         now = self.reactor.seconds()
         cached = int(reply.get("cached") or 0)
-        received = self.engine.pieces.bytes_received
+        received = self.bytes_arrived
         if cached > self.cached_pieces or received > self.bytes_seen:
             # Bytes arriving count, not only whole pieces: under a low rate
             # limit a piece may take minutes.
@@ -665,6 +669,9 @@ class _Download:
             )
         self._kick()
 
+    def _arrived(self, size: int) -> None:
+        self.bytes_arrived += size
+
     async def _fetch_piece(self, assignment: dict[str, Any]) -> None:
         piece = int(assignment["piece"])
         source_id = assignment["peer_id"]
@@ -676,7 +683,12 @@ class _Download:
         result = 503
         try:
             data = await self.engine.pieces.fetch(
-                assignment["address"], self.task_id, piece, length, self.buckets
+                assignment["address"],
+                self.task_id,
+                piece,
+                length,
+                self.buckets,
+                self._arrived,
             )
             await self.engine.store.in_thread(
                 task_file.write_verified,
