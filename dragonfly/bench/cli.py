@@ -84,7 +84,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also profile with py-spy (an extra, unreported dfget run per "
         "protocol in scenario 1; the supernode during the first run of "
-        "scenario 4) into DIR",
+        "scenario 4; an extra, unreported cold pull through a dfpeer in "
+        "scenario 5) into DIR",
     )
     p.add_argument(
         "--work",

@@ -22,6 +22,10 @@ afterwards; the dfpeers and the supernode are up before.  Every skopeo runs
 with its proxies pointed at a closed loopback port, so nothing can fall
 back to Docker Hub.
 
+With C{--profile}, one more cold pull through a dfpeer, not reported, runs
+with py-spy on the supernode and the dfpeer (C{5-supernode},
+C{5-dfpeer-127.0.0.2}).
+
 Targets: the pull through a dfpeer takes at most 1.3 times the direct one
 (median of the repetitions); in every repetition the registry sends at most
 1.05 times the image for the two hosts.
@@ -38,6 +42,7 @@ from dragonfly.bench.common import (
     MIB,
     BenchError,
     Context,
+    Proc,
     Processes,
     Supernode,
     median,
@@ -48,6 +53,7 @@ from dragonfly.bench.common import (
     tool,
     wait_port,
 )
+from dragonfly.bench.profile import Profiler
 from dragonfly.bench.report import SKIP, Line, Section, verdict
 from dragonfly.devtools import registry
 from dragonfly.devtools.oci import Image, ImageLayout
@@ -63,6 +69,8 @@ REFERENCE = f"docker.io/{REPOSITORY}:{TAG}"
 LAYER_SHARES = (0.45, 0.30, 0.15)
 PULL_TIMEOUT = 600.0
 HOSTS = ("127.0.0.2", "127.0.0.3")
+# How long py-spy is given to attach before a profiled pull starts.
+PROFILER_START = 1.0
 
 
 @dataclass
@@ -194,11 +202,15 @@ def _through_dfpeers(
     upstream: registry.Registry,
     url: str,
     hosts: tuple[str, ...],
+    profiler: Profiler | None = None,
 ) -> tuple[list[_Pull], float, int]:
     """
     Cold: a fresh supernode, one fresh dfpeer per host mirroring C{url},
     one skopeo pull through each at once.  Returns the pulls, the wall time
     and the registry's blob bytes meanwhile.
+
+    @param profiler: when given, py-spy samples the supernode and the
+        dfpeers during the pulls.
     """
     with Processes() as procs:
         supernode = start_supernode(procs, work / "sn")
@@ -206,9 +218,22 @@ def _through_dfpeers(
         homes: dict[str, Path] = {}
         for ip in hosts:
             mirrors[ip], homes[ip] = _start_dfpeer(procs, work, ip, url, supernode)
+        spies: list[tuple[Proc, str]] = []
+        if profiler is not None:
+            # "5-supernode", "5-dfpeer-127.0.0.2", ...
+            targets = [
+                p for p in procs.started if p.name.startswith(("supernode", "dfpeer "))
+            ]
+            for proc in targets:
+                name = "5-" + proc.name.replace(" ", "-")
+                spies.append((profiler.attach(procs, name, proc.pid), name))
+            time.sleep(PROFILER_START)
         mark = upstream.mark()
         seconds, wall = _pulls(procs, work / "pulls", image, mirrors)
         egress = _blob_bytes(upstream, mark)
+        for spy, name in spies:
+            assert profiler is not None
+            profiler.detach(spy, name)
         pulls = [
             _Pull(seconds[ip], piece_tiers(homes[ip] / "logs" / "dfclient.log"))
             for ip in hosts
@@ -307,6 +332,14 @@ def run(ctx: Context) -> Section:
                     f"{mirrored.seconds:.1f}s; capped: direct {capped_direct:.1f}s, "
                     f"2 hosts via dfpeers {pair_seconds:.1f}s, registry "
                     f"{pair_egress / image.size:.3f}x image"
+                )
+            if ctx.profiler is not None:
+                (profiled,), _, _ = _through_dfpeers(
+                    work, image, upstream, upstream.url, HOSTS[:1], ctx.profiler
+                )
+                ctx.say(
+                    f"  profiled pull via dfpeer {profiled.seconds:.1f}s (not "
+                    f"reported): profiles in {ctx.profiler.directory}"
                 )
     finally:
         remove(work)
