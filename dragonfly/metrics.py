@@ -163,6 +163,12 @@ class SupernodeMetrics:
             ["tier"],
             registry=r,
         )
+        self.cache_damaged = Counter(
+            "dragonfly_supernode_cache_damaged",
+            "Cached tasks found damaged on disk after a peer reported a bad "
+            "piece from the supernode (the task is dropped and fetched again).",
+            registry=r,
+        )
         self.tasks = Gauge(
             "dragonfly_supernode_tasks",
             "Tasks known, by status (refreshed by each housekeeping round).",

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -959,6 +959,64 @@ async def test_damaged_cache_piece_is_fetched_again_never_served(
             assert sha(reader.read(0, PIECE)) == digest
         finally:
             reader.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not await check():
+        assert reactor.seconds() < deadline, "timed out"
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_damaged_while_running_is_dropped_on_a_digest_report(
+    source: Source, make_supernode: Callable[..., Supernode]
+) -> None:
+    """
+    When a peer reports that a piece from the supernode failed its digest,
+    the supernode hashes its cache again: a piece damaged on disk since it
+    was cached drops the task and its files (counted in the metrics), so no
+    peer is sent there again; the peers' next calls are told the task is
+    unknown, and a new registration fetches it afresh, every piece right.
+    A report against an intact cache changes nothing.
+    """
+    supernode = make_supernode()
+    task_id, body = await _done_task(source, supernode, "rot.bin", 4 * PIECE, peers=1)
+    cdn = f"cdnnode:127.0.0.1~{task_id}"
+
+    def damaged_count() -> Any:
+        return supernode.metrics.registry.get_sample_value(
+            "dragonfly_supernode_cache_damaged_total"
+        )
+
+    async def checked() -> bool:
+        return not supernode._checking
+
+    await schedule(supernode, task_id, "peer-1", failed=[FailedPiece(1, cdn, "digest")])
+    await _until(checked)
+    assert await supernode.state.get(task_id) is not None
+    assert damaged_count() == 0
+
+    data = supernode.store.path_for(task_id)
+    with data.open("r+b") as cache:
+        cache.seek(PIECE + 10)
+        cache.write(b"\xff" * 16)
+    await schedule(supernode, task_id, "peer-1", failed=[FailedPiece(1, cdn, "digest")])
+
+    async def dropped() -> bool:
+        return await supernode.state.get(task_id) is None and not data.exists()
+
+    await _until(dropped)
+    assert damaged_count() == 1
+    assert not meta_path(supernode.store, task_id).exists()
+    with pytest.raises(UnknownTask):
+        await schedule(supernode, task_id, "peer-1", want=1)
+
+    reply = await bounded(supernode.register(registration(source.url("rot.bin"))))
+    assert reply["task_id"] == task_id
+    await wait_status(supernode, task_id, TaskStatus.DONE)
+    assert len(source.requests("rot.bin")) == 2
+    assert data.read_bytes() == body
 
 
 @pytest_twisted.ensureDeferred

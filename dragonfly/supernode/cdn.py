@@ -361,7 +361,7 @@ class CdnFetch:
         task.piece_size = cached.piece_size
         task.length = cached.length
         self._file = self._store.open(task.task_id, task.piece_size, task.length)
-        damaged = await self._store.in_thread(_damaged, self._file, cached.pieces)
+        damaged = await self._store.in_thread(damaged_pieces, self._file, cached.pieces)
         if damaged:
             self._log.warn(
                 "cache of {task_id} is damaged in pieces {pieces}; fetching again",
@@ -666,7 +666,7 @@ def _hash_and_write(
     return piece_hash.hexdigest()
 
 
-def _damaged(task_file: TaskFile, pieces: dict[int, str]) -> list[int]:
+def damaged_pieces(task_file: TaskFile, pieces: dict[int, str]) -> list[int]:
     """
     The pieces whose bytes on disk do not have their recorded sha256 (or are
     missing).  Runs on a thread.

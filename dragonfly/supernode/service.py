@@ -34,7 +34,12 @@ from dragonfly.gc import DiskSpace, Entry, FreeSpace, Watermarks, choose, disk_s
 from dragonfly.metrics import SupernodeMetrics
 from dragonfly.store import DEFAULT_MAX_OPEN_FILES, PieceStore, TaskFile
 from dragonfly.supernode import scheduler
-from dragonfly.supernode.cdn import CdnFetch, ContentMismatch, SourceError
+from dragonfly.supernode.cdn import (
+    CdnFetch,
+    ContentMismatch,
+    SourceError,
+    damaged_pieces,
+)
 from dragonfly.supernode.state import (
     SUPERNODE,
     PeerInfo,
@@ -136,6 +141,9 @@ class Supernode:
         self._counting: IDelayedCall | None = None
         self.transfers = TransferLog(reactor)
         self._stop_hooks: list[Callable[[], None]] = []
+        # Tasks whose cache is being checked after a peer found a piece
+        # from us to be wrong.
+        self._checking: set[str] = set()
 
     @property
     def source_bytes(self) -> int:
@@ -400,6 +408,8 @@ class Supernode:
             # Peers choose the reason: unknown ones must not add series.
             reason = failure.reason if failure.reason in _REASONS else "other"
             self.metrics.failures_reported.labels(reason=reason).inc()
+            if source == SUPERNODE and failure.reason == "digest":
+                self._check_cache(task_id)
             was_listed = source in swarm.blacklist.get(peer_id, ())
             was_banned = source in swarm.banned
             scheduler.record_failed(
@@ -638,6 +648,66 @@ class Supernode:
                 self._changed(task_id)
         await self._count_swarms()
         await self.collect_garbage()
+
+    def _check_cache(self, task_id: str) -> None:
+        """
+        A peer says a piece we served does not match its digest: hash the
+        cached pieces again, on a thread, in the background (once at a
+        time per task).
+        """
+        if task_id in self._checking:
+            return
+        self._checking.add(task_id)
+        d = Deferred.fromCoroutine(self._verify_cache(task_id))
+        d.addErrback(
+            lambda f: self._log.failure(
+                "checking the cache of {task_id} failed", f, task_id=task_id
+            )
+        )
+        d.addBoth(lambda _: self._checking.discard(task_id))
+
+    async def _verify_cache(self, task_id: str) -> None:
+        """
+        Re-hash a complete task's cached pieces; when one no longer has its
+        recorded sha256 (the disk changed under us), drop the task and its
+        cache, so that no peer is sent to a damaged piece again: the swarm's
+        peers register again (the supernode "forgot the task"), keep what
+        they verified, and the cache is fetched afresh from the source.
+        """
+        swarm = await self.state.get(task_id)
+        task_file = self.store.tasks.get(task_id)
+        if (
+            swarm is None
+            or task_file is None
+            or swarm.task.status is not TaskStatus.DONE
+            or task_id in self._fetches
+        ):
+            return
+        damaged = await self.store.in_thread(
+            damaged_pieces, task_file, dict(swarm.task.pieces)
+        )
+        if not damaged:
+            self._log.info(
+                "cache of {task_id} checked after a digest report: intact",
+                task_id=task_id,
+            )
+            return
+        self._log.warn(
+            "cache of {task_id} is damaged on disk in pieces {pieces}: dropped, "
+            "to be fetched again",
+            task_id=task_id,
+            pieces=damaged,
+        )
+        self.metrics.cache_damaged.inc()
+        if await self.state.get(task_id) is not swarm or task_id in self._fetches:
+            # Replaced meanwhile (expired, registered afresh): not ours to drop.
+            return
+        await self._forget(task_id)
+        trash = self.store.directory / ".trash"
+        _retire(self.store.path_for(task_id), trash)
+        await self.store.in_thread(shutil.rmtree, trash, True)
+        # Long polls on the task answer now (404: the peers register again).
+        self._changed(task_id)
 
     async def _forget(self, task_id: str) -> TaskFile | None:
         """
