@@ -17,6 +17,7 @@ from twisted.internet import ssl as twisted_ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -318,3 +319,15 @@ __all__ = [
     "server_rig",
     "tls_pki",
 ]
+
+
+class GivenProtocol(Factory):
+    """
+    A factory whose one connection is served by a protocol made beforehand.
+    """
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance

@@ -19,6 +19,7 @@ from helpers import (
     OTHER_TASK,
     SERVER_IDENTITY,
     TASK,
+    GivenProtocol,
     MemoryPieceSource,
     ServerRig,
     WireReader,
@@ -991,14 +992,6 @@ class Pair:
         self.pump.flush()
 
 
-class _Given(Factory):
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.protocol_instance
-
-
 def connect_pair(
     source: MemoryPieceSource | None = None,
     *,
@@ -1013,7 +1006,7 @@ def connect_pair(
     factory = PieceServerFactory(source, SERVER_IDENTITY, clock, **server_options)
     client = PieceClientProtocol(CLIENT_IDENTITY, clock, **(client_options or {}))
     server_factory: Factory = factory
-    client_factory: Factory = _Given(client)
+    client_factory: Factory = GivenProtocol(client)
     # TLS as the daemons run it: dragonfly.tls.BulkTLSTransport.
     if server_tls is not None:
         server_factory = BulkTLSFactory(server_tls, False, factory, clock=clock)

@@ -10,9 +10,8 @@ tests are what fails if a Twisted upgrade renames them or stops calling them.
 """
 
 import warnings
-from typing import Any
 
-from helpers import piece_bytes, tls_pki
+from helpers import GivenProtocol, piece_bytes, tls_pki
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
@@ -62,14 +61,6 @@ class Aborter(Recorder):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
 
-class _Given(Factory):
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self._protocol
-
-
 def connect(
     server: Recorder, client: Recorder
 ) -> tuple[TLSMemoryBIOProtocol, IOPump, Clock]:
@@ -80,8 +71,8 @@ def connect(
     """
     clock = Clock()
     pki = tls_pki()
-    server_factory = pki.server.wrap_server(_Given(server), clock)
-    client_factory = pki.client.wrap_client("127.0.0.1", _Given(client), clock)
+    server_factory = pki.server.wrap_server(GivenProtocol(server), clock)
+    client_factory = pki.client.wrap_client("127.0.0.1", GivenProtocol(client), clock)
     _, tls_server, pump = connectedServerAndClient(
         lambda: server_factory.buildProtocol(None),
         lambda: client_factory.buildProtocol(None),
