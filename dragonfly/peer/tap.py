@@ -198,23 +198,15 @@ class _PeerService(Service):
         super().privilegedStartService()
         # A peer that cannot serve would still be advertised to the swarm:
         # its piece port is required, as the HTTP port is (RequiredPort).
-        # Listening on a TCP or TLS endpoint is done by the time listen()
-        # returns, so an error fails the start here and twistd exits 1.
+        # PeerNode.listen listens on a TCP endpoint, which is done by the
+        # time it returns, so an error fails the start here: twistd exits 1.
         listening = Deferred.fromCoroutine(self.node.listen())
-        if not listening.called:
-            # Not an endpoint that listens at once: a late error stops the
-            # daemon instead (with status 0, twistd has no other).
-            listening.addCallbacks(self._serving, self._cannot_serve)
-            return
         failed: list[Failure] = []
         listening.addCallbacks(self._serving, failed.append)
         if failed:
             failed[0].raiseException()
-
-    def _cannot_serve(self, failure: Failure) -> None:
-        self._log.failure("cannot serve pieces; stopping", failure)
-        reactor = self.node.reactor
-        reactor.callWhenRunning(reactor.stop)
+        if not listening.called:
+            raise RuntimeError("the piece port did not open at once")
 
     def _serving(self, _: object) -> None:
         self._log.info(

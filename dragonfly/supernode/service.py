@@ -409,7 +409,7 @@ class Supernode:
             reason = failure.reason if failure.reason in _REASONS else "other"
             self.metrics.failures_reported.labels(reason=reason).inc()
             if source == SUPERNODE and failure.reason == "digest":
-                self._check_cache(task_id)
+                self._check_cache(task_id, failure.piece)
             was_listed = source in swarm.blacklist.get(peer_id, ())
             was_banned = source in swarm.banned
             scheduler.record_failed(
@@ -649,16 +649,18 @@ class Supernode:
         await self._count_swarms()
         await self.collect_garbage()
 
-    def _check_cache(self, task_id: str) -> None:
+    def _check_cache(self, task_id: str, piece: int) -> None:
         """
-        A peer says a piece we served does not match its digest: hash the
-        cached pieces again, on a thread, in the background (once at a
-        time per task).
+        A peer says C{piece}, which we served, does not match its digest:
+        hash our copy again, on a thread, in the background (one check at a
+        time per task; a report during a check is not queued).  Only that
+        piece: a whole file hashed per report would let a peer keep the
+        supernode's disk and a core busy.
         """
         if task_id in self._checking:
             return
         self._checking.add(task_id)
-        d = Deferred.fromCoroutine(self._verify_cache(task_id))
+        d = Deferred.fromCoroutine(self._verify_cache(task_id, piece))
         d.addErrback(
             lambda f: self._log.failure(
                 "checking the cache of {task_id} failed", f, task_id=task_id
@@ -666,9 +668,9 @@ class Supernode:
         )
         d.addBoth(lambda _: self._checking.discard(task_id))
 
-    async def _verify_cache(self, task_id: str) -> None:
+    async def _verify_cache(self, task_id: str, piece: int) -> None:
         """
-        Re-hash a complete task's cached pieces; when one no longer has its
+        Re-hash a cached piece of a complete task; when it no longer has its
         recorded sha256 (the disk changed under us), drop the task and its
         cache, so that no peer is sent to a damaged piece again: the swarm's
         peers register again (the supernode "forgot the task"), keep what
@@ -676,32 +678,35 @@ class Supernode:
         """
         swarm = await self.state.get(task_id)
         task_file = self.store.tasks.get(task_id)
+        expected = swarm.task.pieces.get(piece) if swarm is not None else None
         if (
             swarm is None
+            or expected is None
             or task_file is None
             or swarm.task.status is not TaskStatus.DONE
             or task_id in self._fetches
         ):
             return
         damaged = await self.store.in_thread(
-            damaged_pieces, task_file, dict(swarm.task.pieces)
+            damaged_pieces, task_file, {piece: expected}
         )
         if not damaged:
             self._log.info(
-                "cache of {task_id} checked after a digest report: intact",
+                "piece {piece} of {task_id} checked after a digest report: intact",
+                piece=piece,
                 task_id=task_id,
             )
             return
-        self._log.warn(
-            "cache of {task_id} is damaged on disk in pieces {pieces}: dropped, "
-            "to be fetched again",
-            task_id=task_id,
-            pieces=damaged,
-        )
-        self.metrics.cache_damaged.inc()
         if await self.state.get(task_id) is not swarm or task_id in self._fetches:
             # Replaced meanwhile (expired, registered afresh): not ours to drop.
             return
+        self._log.warn(
+            "cache of {task_id} is damaged on disk in piece {piece}: dropped, "
+            "to be fetched again",
+            task_id=task_id,
+            piece=piece,
+        )
+        self.metrics.cache_damaged.inc()
         await self._forget(task_id)
         trash = self.store.directory / ".trash"
         _retire(self.store.path_for(task_id), trash)
